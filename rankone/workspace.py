@@ -1,0 +1,229 @@
+"""The workspace directory: a manifest of what came from where, and atomic writes.
+
+Every stage reads the files it needs through `Workspace.require`, which checks them
+against the sha256 the manifest recorded, and writes through `Workspace.transaction`,
+which stages files in a temporary folder and moves them into place only when the whole
+stage succeeded. A failed stage therefore leaves the workspace exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from rankone.errors import RankoneError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+# Which command writes each file, so a missing input can name the command to run first.
+PRODUCERS = {
+    "base.safetensors": "rankone fetch",
+    "experts/": "rankone fetch",
+    "task_vectors/": "rankone task-vectors",
+    "pool.safetensors": "rankone build-pool",
+    "merged/": "rankone merge",
+    "adapted/": "rankone adapt",
+    "heads/": "rankone eval (heads are built on first use)",
+}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=False)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save safetensors through a temporary file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
+        save_file(contiguous, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, turning a corrupt or missing file into a one-line error."""
+    if not path.is_file():
+        raise RankoneError(f"{path}: file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise RankoneError(f"{path}: not a readable safetensors file ({error})") from None
+
+
+def read_tensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as error:
+        raise RankoneError(f"{path}: not a readable safetensors file ({error})") from None
+
+
+def producer_of(relpath: str) -> str:
+    for prefix, command in PRODUCERS.items():
+        if relpath == prefix or (prefix.endswith("/") and relpath.startswith(prefix)):
+            return command
+    return "the stage that writes it"
+
+
+class Staging:
+    """Files a stage is about to write; moved into the workspace on commit."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.written: list[str] = []
+        self.removed: list[str] = []
+
+    def path(self, relpath: str) -> Path:
+        """A path to write `relpath` to by hand (for files that are not tensors or JSON)."""
+        target = self.root / relpath
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if relpath not in self.written:
+            self.written.append(relpath)
+        return target
+
+    def save_tensors(self, relpath: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+        save_tensors_atomic(self.path(relpath), tensors, metadata)
+
+    def write_json(self, relpath: str, data: Any) -> None:
+        write_json_atomic(self.path(relpath), data)
+
+    def remove(self, relpath: str) -> None:
+        """Delete `relpath` from the workspace (and the manifest) when the stage commits."""
+        self.removed.append(relpath)
+
+
+class Workspace:
+    """A workspace directory and its manifest."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    # -- manifest -------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def manifest(self) -> dict[str, Any]:
+        if not self.exists():
+            raise RankoneError(f"{self.root}: no workspace here (no {MANIFEST}); run `rankone fetch` first")
+        try:
+            manifest = json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError as error:
+            raise RankoneError(f"{self.manifest_path}: corrupt manifest ({error})") from None
+        if manifest.get("format") != FORMAT_VERSION:
+            raise RankoneError(f"{self.manifest_path}: unsupported manifest format {manifest.get('format')!r}")
+        return manifest
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        return self.manifest()["architecture"]
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.manifest()["tasks"])
+
+    def path(self, relpath: str) -> Path:
+        return self.root / relpath
+
+    def has(self, relpath: str) -> bool:
+        return relpath in self.manifest().get("files", {}) and self.path(relpath).is_file()
+
+    def require(self, relpath: str) -> Path:
+        """The path of a recorded file, after checking it still matches the manifest."""
+        files = self.manifest().get("files", {})
+        path = self.path(relpath)
+        if relpath not in files or not path.exists():
+            raise RankoneError(f"{path}: missing; run `{producer_of(relpath)}` first")
+        recorded = files[relpath]
+        if path.stat().st_size != recorded["size"] or sha256_file(path) != recorded["sha256"]:
+            raise RankoneError(
+                f"{path}: does not match the workspace manifest (changed since `{producer_of(relpath)}` wrote it); "
+                f"rerun `{producer_of(relpath)}`"
+            )
+        return path
+
+    def load_tensors(self, relpath: str) -> dict[str, torch.Tensor]:
+        return load_tensors(self.require(relpath))
+
+    def read_json(self, relpath: str) -> Any:
+        return json.loads(self.require(relpath).read_text())
+
+    # -- writing --------------------------------------------------------------------
+    @contextlib.contextmanager
+    def transaction(self, manifest_updates: dict[str, Any] | None = None, create: bool = False) -> Iterator[Staging]:
+        """Stage files, then move them in and record their hashes, all or nothing.
+
+        `manifest_updates` (top-level keys) are merged into the manifest on commit; the
+        dict may be filled in while the stage runs.
+        """
+        created_root = create and not self.root.exists()
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+            manifest: dict[str, Any] = self.manifest() if self.exists() else {"format": FORMAT_VERSION, "files": {}}
+        else:
+            manifest = self.manifest()
+        staging_root = Path(tempfile.mkdtemp(dir=self.root, prefix=".staging-"))
+        staging = Staging(staging_root)
+        try:
+            yield staging
+            files = dict(manifest.get("files", {}))
+            for relpath in staging.removed:
+                files.pop(relpath, None)
+                with contextlib.suppress(FileNotFoundError):
+                    self.path(relpath).unlink()
+            for relpath in staging.written:
+                source = staging_root / relpath
+                files[relpath] = {"sha256": sha256_file(source), "size": source.stat().st_size}
+            for relpath in staging.written:
+                target = self.path(relpath)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging_root / relpath, target)
+            manifest.update(manifest_updates or {})
+            manifest["files"] = dict(sorted(files.items()))
+            write_json_atomic(self.manifest_path, manifest)
+        finally:
+            shutil.rmtree(staging_root, ignore_errors=True)
+            if created_root and not self.exists():
+                shutil.rmtree(self.root, ignore_errors=True)
