@@ -99,3 +99,145 @@ def labeled_data(tmp_path) -> Path:
 @pytest.fixture
 def unlabeled_data(tmp_path) -> Path:
     return write_image_folder(tmp_path / "unlabeled", per_class=4, seed=1, labeled=False)
+
+
+@pytest.fixture
+def rankone_cli(capsys, monkeypatch):
+    """Run `rankone ARGS...` in-process as a user would: returns (exit code, stdout, stderr)."""
+    from rankone.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        monkeypatch.setattr("sys.argv", ["rankone", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture
+def unlabeled_entropy():
+    """`measure(workspace, encode, unlabeled_dir, labeled_dir)`: mean over tasks of the entropy of
+    every unlabeled image, through the heads adaptation builds (class names from labeled_dir)."""
+
+    def measure(workspace: Workspace, encode, unlabeled: Path, labeled: Path) -> float:
+        from rankone.adapt import batch_entropy, head_requests, task_heads, unlabeled_sets
+        from rankone.heads import classify_logits
+        from rankone.models import preprocess_for
+
+        tasks = workspace.tasks
+        heads = task_heads(workspace, head_requests(workspace, tasks, classnames_from=labeled), torch.device("cpu"))
+        datasets = unlabeled_sets(unlabeled, tasks, preprocess_for(workspace.architecture))
+        total = 0.0
+        with torch.no_grad():
+            for task, dataset in datasets.items():
+                items = [dataset[index] for index in range(len(dataset))]
+                images = torch.stack([item[0] if isinstance(item, (tuple, list)) else item for item in items])
+                total += float(batch_entropy(classify_logits(encode(images), heads[task])))
+        return total / len(datasets)
+
+    return measure
+
+
+# -- transformers CLIP checkpoints on disk (fetch / conversion tests) -----------------------
+
+def tiny_transformers_config(hidden_act: str = "gelu"):
+    """A tiny transformers CLIPConfig; vocab 49408 so open_clip's tokenizer ids fit."""
+    from transformers import CLIPConfig
+
+    config = CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "max_position_embeddings": 16, "vocab_size": 49408, "hidden_act": hidden_act},
+        vision_config={"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "image_size": 32, "patch_size": 8, "hidden_act": hidden_act},
+        projection_dim=16,
+    )
+    return config
+
+
+def save_transformers_clip(folder: Path, hidden_act: str = "gelu", seed: int = 0):
+    """A random transformers CLIPModel saved with save_pretrained (safetensors); returns the model."""
+    from transformers import CLIPModel
+
+    torch.manual_seed(seed)
+    model = CLIPModel(tiny_transformers_config(hidden_act)).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def save_transformers_expert(folder: Path, base_model, seed: int, scale: float = 0.02):
+    """A CLIPVisionModel (no projection, like FusionBench's experts) = base image tower + noise."""
+    from transformers import CLIPVisionModel
+
+    expert = CLIPVisionModel(base_model.config.vision_config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    state = {key: value + scale * torch.randn(value.shape, generator=generator) if value.is_floating_point() else value
+             for key, value in base_model.vision_model.state_dict().items()}
+    # transformers 5 dropped CLIPVisionModel's `vision_model` wrapper; older versions keep it.
+    prefix = "vision_model." if any(key.startswith("vision_model.") for key in expert.state_dict()) else ""
+    expert.load_state_dict({prefix + key: value for key, value in state.items()})
+    expert.save_pretrained(folder)
+    return expert
+
+
+@pytest.fixture
+def transformers_models(tmp_path):
+    """(base CLIPModel, {task: CLIPVisionModel}, base dir, {task: dir}) saved as a user has them."""
+    base_dir = tmp_path / "hf-base"
+    base_model = save_transformers_clip(base_dir)
+    expert_dirs = {task: tmp_path / f"hf-{task}" for task in ("mnist", "dtd")}
+    experts = {task: save_transformers_expert(folder, base_model, seed=index + 1) for index, (task, folder) in enumerate(expert_dirs.items())}
+    return base_model, experts, base_dir, expert_dirs
+
+
+@pytest.fixture(scope="session")
+def every_stage_template(tmp_path_factory) -> Workspace:
+    """Built once per session (see every_stage_workspace); never modify it, copy it."""
+    from rankone.adapt import ADAPT_METHODS, AdaptOptions
+    from rankone.merge import merge_workspace
+    from rankone.pool import build_pool_stage
+    from rankone.task_vectors import compute_task_vectors
+
+    root = tmp_path_factory.mktemp("every-stage")
+    base = make_base_state(0)
+    workspace = write_workspace(root / "work", base, {task: make_expert_state(base, seed=index + 1) for index, task in enumerate(TASKS)})
+    labeled = write_image_folder(root / "labeled", per_class=4, seed=0, labeled=True)
+    unlabeled = write_image_folder(root / "unlabeled", per_class=4, seed=1, labeled=False)
+    compute_task_vectors(workspace)
+    merge_workspace(workspace, "task-arithmetic")
+    build_pool_stage(workspace, 2)
+    for method in ("rankone", "adamerging", "wemoe"):
+        options = AdaptOptions(data=unlabeled, steps=1, batch_size=2, lr=1e-3, classnames_from=labeled, progress=False)
+        ADAPT_METHODS[method](workspace, options)
+    return workspace
+
+
+@pytest.fixture
+def every_stage_workspace(every_stage_template, tmp_path) -> Workspace:
+    """A fresh copy of tiny_workspace after task-vectors, a task-arithmetic merge, build-pool (k 2)
+    and one adaptation step of rankone, adamerging and wemoe; the heads' class names are those of
+    the labeled_data fixture."""
+    import shutil
+
+    shutil.copytree(every_stage_template.root, tmp_path / "every-stage")
+    return Workspace(tmp_path / "every-stage")
+
+
+def write_open_clip_dir(folder: Path, state: dict[str, torch.Tensor], architecture: dict = TINY_ARCHITECTURE, pickle: bool = False) -> None:
+    """An open_clip model directory as the Hub keeps them (config + weights)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    model_cfg = {key: value for key, value in architecture.items() if key != "name"}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+    if pickle:
+        torch.save(state, folder / "open_clip_pytorch_model.bin")
+    else:
+        save_file({key: value.contiguous() for key, value in state.items()}, folder / "open_clip_model.safetensors")

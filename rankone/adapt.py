@@ -1,0 +1,427 @@
+"""Test-time adaptation by entropy minimisation, shared by every adaptive method.
+
+SPEC ("Adaptation"): each step, for each task one batch of its unlabeled images, logits
+through that task's head, loss = mean Shannon entropy of softmax(logits); the losses are
+summed over tasks; Adam. Only the method's own parameters (routers, coefficients) train.
+
+Batches are a pure function of (seed, task, step): step s of task t takes positions
+s·B … s·B+B−1 of an endless sequence of per-epoch permutations, each seeded by
+(seed, task, epoch). A resumed run therefore sees exactly the batches an uninterrupted run
+sees, with no RNG state to save; checkpoints hold the trained tensors, Adam's state and
+the losses so far.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from rankone.errors import RankoneError
+from rankone.workspace import Workspace, read_tensors_metadata
+
+Checkpoint = Callable[[int, dict], None]
+
+
+def batch_entropy(logits: Tensor) -> Tensor:
+    """Mean over the batch of the Shannon entropy (nats) of softmax(logits)."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return -(log_probs.exp() * log_probs).sum(dim=-1).mean()
+
+
+def _stream_seed(seed: int, task: str, epoch: int) -> int:
+    return (seed * 0x9E3779B1 + zlib.crc32(task.encode()) * 0x85EBCA77 + epoch * 0xC2B2AE3D) % (2**63 - 1)
+
+
+def batch_indices(size: int, batch_size: int, seed: int, task: str, step: int) -> list[int]:
+    """The dataset indices of `task`'s batch at `step` (a pure function of its arguments)."""
+    indices, permutation, epoch = [], None, -1
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        if position // size != epoch:
+            epoch = position // size
+            generator = torch.Generator().manual_seed(_stream_seed(seed, task, epoch))
+            permutation = torch.randperm(size, generator=generator).tolist()
+        indices.append(permutation[position % size])
+    return indices
+
+
+class StepBatches(Sampler[list[int]]):
+    """Batch sampler yielding `batch_indices` for steps start … stop−1."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, task: str, start: int, stop: int) -> None:
+        self.size, self.batch_size, self.seed, self.task = size, batch_size, seed, task
+        self.start, self.stop = start, stop
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.stop):
+            yield batch_indices(self.size, self.batch_size, self.seed, self.task, step)
+
+
+def _images_only(items: list) -> Tensor:
+    """Collate that keeps the image of (image, label) items, or the items themselves."""
+    return torch.stack([item[0] if isinstance(item, (tuple, list)) else item for item in items])
+
+
+def minimise_entropy(
+    classify: Callable[[Tensor, str], Tensor],
+    parameters: list[nn.Parameter],
+    unlabeled: dict[str, Dataset],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: torch.device | str,
+    save_every: int = 0,
+    checkpoint: Checkpoint | None = None,
+    resume: dict | None = None,
+    progress: bool = True,
+    workers: int = 0,
+) -> list[float]:
+    """Train `parameters` with Adam to minimise Σ_tasks mean entropy of classify(images, task).
+
+    Returns the loss of every step (including those before `resume`). `checkpoint(step,
+    state)` is called every `save_every` steps with state = {"step", "parameters" (list of
+    tensors), "optimizer" (Adam's state_dict), "losses"}; passing such a state as `resume`
+    continues the run exactly.
+    """
+    if steps < 0 or batch_size < 1 or lr <= 0:
+        raise RankoneError(f"adapt: need steps ≥ 0, batch size ≥ 1 and lr > 0 (got {steps}, {batch_size}, {lr})")
+    empty = [task for task, dataset in unlabeled.items() if len(dataset) == 0]
+    if not unlabeled or empty:
+        raise RankoneError(f"adapt: no unlabeled images for task {empty[0] if empty else '(none given)'}")
+    device = torch.device(device)
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    start, losses = 0, []
+    if resume is not None:
+        if len(resume["parameters"]) != len(parameters):
+            raise RankoneError("--resume: checkpoint holds a different number of trained tensors")
+        with torch.no_grad():
+            for parameter, saved in zip(parameters, resume["parameters"]):
+                if parameter.shape != saved.shape:
+                    raise RankoneError(f"--resume: checkpoint tensor of shape {tuple(saved.shape)} does not fit {tuple(parameter.shape)}")
+                parameter.copy_(saved.to(parameter.device, parameter.dtype))
+        optimizer.load_state_dict(resume["optimizer"])
+        start, losses = int(resume["step"]), list(resume["losses"])[: int(resume["step"])]
+    loaders = {
+        task: iter(DataLoader(dataset, batch_sampler=StepBatches(len(dataset), batch_size, seed, task, start, steps),
+                              num_workers=workers, collate_fn=_images_only))
+        for task, dataset in unlabeled.items()
+    }
+    bar = _progress(progress)
+    began, images = time.perf_counter(), 0
+    with bar:
+        bar_task = bar.add_task("adapt", total=steps, completed=start, loss=float("nan"), rate=0.0)
+        for step in range(start, steps):
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for task, loader in loaders.items():
+                batch = next(loader).to(device, non_blocking=True)
+                # One backward per task frees each task's graph early; gradients add up to those of the sum.
+                loss = batch_entropy(classify(batch, task))
+                loss.backward()
+                total += float(loss.detach())
+                images += batch.shape[0]
+            optimizer.step()
+            losses.append(total)
+            rate = images / max(time.perf_counter() - began, 1e-9)
+            bar.update(bar_task, completed=step + 1, loss=total, rate=rate)
+            if checkpoint is not None and save_every > 0 and (step + 1) % save_every == 0 and step + 1 < steps:
+                checkpoint(step + 1, {
+                    "step": step + 1,
+                    "parameters": [parameter.detach().cpu().clone() for parameter in parameters],
+                    "optimizer": optimizer.state_dict(),
+                    "losses": list(losses),
+                })
+    return losses
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from rich.console import Console
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.1f} img/s"),
+        TimeRemainingColumn(), disable=not enabled, transient=False, console=Console(stderr=True),
+    )
+
+
+# ---- checkpoints as safetensors + JSON (no pickle) --------------------------------------
+
+def checkpoint_files(state: dict, config: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A checkpoint state as tensors plus string metadata for one safetensors file."""
+    tensors = {f"parameters.{index}": tensor for index, tensor in enumerate(state["parameters"])}
+    optimizer = state["optimizer"]
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, slots in optimizer["state"].items():
+        for name, value in slots.items():
+            if isinstance(value, Tensor):
+                tensors[f"optimizer.{index}.{name}"] = value.detach().cpu()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    meta = {"step": state["step"], "losses": state["losses"], "param_groups": optimizer["param_groups"], "scalars": scalars, "config": config}
+    return tensors, {"rankone": json.dumps(meta)}
+
+
+def checkpoint_state(tensors: dict[str, Tensor], metadata: dict[str, str]) -> tuple[dict, dict[str, Any]]:
+    """Inverse of `checkpoint_files`: (state, config)."""
+    meta = json.loads(metadata["rankone"])
+    count = sum(1 for name in tensors if name.startswith("parameters."))
+    parameters = [tensors[f"parameters.{index}"] for index in range(count)]
+    slots: dict[int, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, slot = name.split(".", 2)
+            slots.setdefault(int(index), {})[slot] = tensor
+    for index, values in meta["scalars"].items():
+        slots.setdefault(int(index), {}).update(values)
+    optimizer = {"state": slots, "param_groups": meta["param_groups"]}
+    return {"step": meta["step"], "parameters": parameters, "optimizer": optimizer, "losses": meta["losses"]}, meta["config"]
+
+
+def checkpoint_dir(method: str) -> str:
+    return f"adapted/{method}-checkpoints"
+
+
+def save_checkpoint(workspace: Workspace, method: str, step: int, state: dict, config: dict[str, Any]) -> str:
+    """Commit one checkpoint on its own, so an interrupted run keeps it."""
+    relpath = f"{checkpoint_dir(method)}/step-{step}.safetensors"
+    tensors, metadata = checkpoint_files(state, config)
+    with workspace.transaction() as staging:
+        staging.save_tensors(relpath, tensors, metadata)
+    return relpath
+
+
+def latest_checkpoint(workspace: Workspace, method: str, config: dict[str, Any]) -> dict | None:
+    """The last checkpoint of `method`, after checking it was made with the same settings."""
+    pattern = re.compile(rf"^{re.escape(checkpoint_dir(method))}/step-(\d+)\.safetensors$")
+    found = [(int(match.group(1)), relpath) for relpath in workspace.manifest().get("files", {})
+             if (match := pattern.match(relpath))]
+    if not found:
+        return None
+    _, relpath = max(found)
+    state, saved = checkpoint_state(workspace.load_tensors(relpath), read_tensors_metadata(workspace.path(relpath)))
+    for key, value in config.items():
+        if key != "steps" and saved.get(key) != value:
+            raise RankoneError(f"{workspace.path(relpath)}: made with {key}={saved.get(key)!r}, this run has {value!r}; "
+                               f"rerun without --resume or with the same options")
+    return state
+
+
+def resume_state(workspace: Workspace, method: str, options: "AdaptOptions", config: dict[str, Any]) -> dict | None:
+    """The checkpoint `--resume` continues from (None without --resume); checked before any work."""
+    if not options.resume:
+        return None
+    state = latest_checkpoint(workspace, method, config)
+    if state is None:
+        raise RankoneError(f"--resume: no checkpoint in {workspace.path(checkpoint_dir(method))}; run with --save-every first")
+    if state["step"] > options.steps:
+        raise RankoneError(f"--resume: the checkpoint is at step {state['step']}, past --steps {options.steps}")
+    return state
+
+
+def adapt_with_checkpoints(
+    workspace: Workspace,
+    method: str,
+    classify: Callable[[Tensor, str], Tensor],
+    parameters: list[nn.Parameter],
+    unlabeled: dict[str, Dataset],
+    options: "AdaptOptions",
+    config: dict[str, Any],
+    resume: dict | None = None,
+) -> list[float]:
+    """`minimise_entropy` with workspace checkpoints under adapted/<method>-checkpoints/.
+
+    `resume` is `resume_state(...)`, best looked up by the caller before it builds anything
+    (so a bad --resume fails before heads are cached); looked up here when not given.
+    """
+    if resume is None:
+        resume = resume_state(workspace, method, options, config)
+    return minimise_entropy(
+        classify, parameters, unlabeled, steps=options.steps, batch_size=options.batch_size, lr=options.lr,
+        seed=options.seed, device=options.device, save_every=options.save_every,
+        checkpoint=lambda step, state: save_checkpoint(workspace, method, step, state, config),
+        resume=resume, progress=options.progress, workers=options.workers,
+    )
+
+
+# ---- inputs every adaptive method needs: unlabeled data, class names, heads ------------
+
+@dataclass
+class AdaptOptions:
+    """What `rankone adapt` passes to an entry of ADAPT_METHODS."""
+
+    data: Path
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-4
+    seed: int = 0
+    select: float | None = 0.75
+    routing: str = "per-sample"
+    tasks: list[str] | None = None
+    save_every: int = 0
+    resume: bool = False
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    heads_source: str = "builtin"
+    classnames_from: Path | None = None
+    classnames: dict[str, str] = field(default_factory=dict)  # task → file, one class name per line
+    templates: dict[str, str] = field(default_factory=dict)  # task → file, one template per line
+    progress: bool = True
+    workers: int = 0
+
+
+def selected_tasks(known: list[str], tasks: list[str] | None) -> list[str]:
+    """`--tasks` checked against the tasks the model was built for (all of them when not given)."""
+    if not tasks:
+        return known
+    unknown = [task for task in tasks if task not in known]
+    if unknown:
+        raise RankoneError(f"--tasks: unknown task {unknown[0]!r} (known: {', '.join(known)})")
+    return list(tasks)
+
+
+def _folder_classnames(root: Path, task: str) -> list[str] | None:
+    from rankone.data import labeled_images
+
+    if not (root / task).is_dir():
+        return None
+    return list(labeled_images(root, task).classnames)
+
+
+HeadRequests = dict[str, tuple[list[str], list[str] | None]]
+
+
+def head_requests(
+    workspace: Workspace,
+    tasks: list[str],
+    heads_source: str = "builtin",
+    classnames_from: Path | None = None,
+    classnames: dict[str, str] | None = None,
+    templates: dict[str, str] | None = None,
+) -> HeadRequests:
+    """{task: (class names, templates or None for the built-in ones)} for the heads adaptation uses.
+
+    Unlabeled images carry no class names, yet heads need them. `fusionbench` takes both from
+    FusionBench's lists (as `rankone eval --heads-source fusionbench`); otherwise class names
+    come from the first of: `--classnames TASK=FILE`, the class folders of `--classnames-from
+    DIR`/<task>/, the workspace's data/<task>/ (from `rankone fetch --dataset`).
+    """
+    from rankone.heads import HEAD_SOURCES, fusionbench_classnames_and_templates, read_lines
+
+    if heads_source not in HEAD_SOURCES:
+        raise RankoneError(f"--heads-source {heads_source!r}: choose from {', '.join(HEAD_SOURCES)}")
+    classnames, templates = classnames or {}, templates or {}
+    for option, given in (("--classnames", classnames), ("--templates", templates)):
+        unknown = [task for task in given if task not in tasks]
+        if unknown:
+            raise RankoneError(f"{option}: task {unknown[0]!r} is not among {', '.join(tasks)}")
+    if classnames_from is not None and not classnames_from.is_dir():
+        raise RankoneError(f"--classnames-from {classnames_from}: not a folder")
+    requests: HeadRequests = {}
+    for task in tasks:
+        names, task_templates = None, None
+        if heads_source == "fusionbench":
+            names, task_templates = fusionbench_classnames_and_templates(task)
+        if task in classnames:
+            names = read_lines(classnames[task], "class names")
+        if names is None and classnames_from is not None:
+            names = _folder_classnames(classnames_from, task)
+        if names is None:
+            names = _folder_classnames(workspace.path("data"), task)
+        if not names:
+            raise RankoneError(f"task {task}: no class names for its head; pass --classnames {task}=FILE, "
+                               f"--classnames-from DIR (with {task}/<class>/ folders) or --heads-source fusionbench")
+        if task in templates:
+            task_templates = read_lines(templates[task], "templates")
+        requests[task] = (list(names), task_templates)
+    return requests
+
+
+def task_heads(workspace: Workspace, requests: HeadRequests, device: torch.device) -> dict[str, Tensor]:
+    """The zero-shot heads (cached in heads/), on `device`."""
+    from rankone.heads import heads_for_tasks
+
+    return {task: head.to(device) for task, head in heads_for_tasks(workspace, requests, device).items()}
+
+
+def unlabeled_sets(data: Path, tasks: list[str], transform, known: list[str] | None = None) -> dict[str, Dataset]:
+    """One dataset of unlabeled images per task from DATA/<task>/.
+
+    A task without a folder is an error, and so is a folder that is no task of the model
+    (`known`, default `tasks`); folders of known tasks left out with --tasks are skipped.
+    """
+    from rankone.data import ImageDataset, unlabeled_images
+
+    if not data.is_dir():
+        raise RankoneError(f"--data {data}: not a folder")
+    present = sorted(entry.name for entry in data.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    missing = [task for task in tasks if task not in present]
+    if missing:
+        raise RankoneError(f"--data {data}: no images for task {missing[0]} (expected {data / missing[0]}/)")
+    extra = [name for name in present if name not in (known or tasks)]
+    if extra:
+        raise RankoneError(f"--data {data}: folder {extra[0]}/ has images but no head (the model's tasks: "
+                           f"{', '.join(known or tasks)}); move it out of {data}")
+    return {task: ImageDataset(list(unlabeled_images(data, task)), None, transform) for task in tasks}
+
+
+def classify_with(encode: Callable[[Tensor], Tensor], heads: dict[str, Tensor]) -> Callable[[Tensor, str], Tensor]:
+    from rankone.heads import classify_logits
+
+    return lambda images, task: classify_logits(encode(images), heads[task])
+
+
+# ---- RankOne-MoE ------------------------------------------------------------------------
+
+ADAPTED_ROUTERS = "adapted/rankone.safetensors"
+
+
+def adapt_rankone(workspace: Workspace, options: AdaptOptions) -> str:
+    """Train the routers of the routed model built from pool.safetensors; write adapted/rankone.safetensors."""
+    from rankone.models import preprocess_for
+    from rankone.moe import check_routing, check_select, routed_model, router_parameters, router_state
+    from rankone.pool import read_pool
+
+    check_select(options.select)
+    check_routing(options.routing)
+    stored = read_pool(workspace)
+    tasks = selected_tasks(stored.tasks, options.tasks)
+    requests = head_requests(workspace, tasks, options.heads_source, options.classnames_from, options.classnames, options.templates)
+    unlabeled = unlabeled_sets(options.data, tasks, preprocess_for(workspace.architecture), known=stored.tasks)
+    config = {"method": "rankone", "seed": options.seed, "lr": options.lr, "batch_size": options.batch_size,
+              "select": options.select, "routing": options.routing, "tasks": tasks, "k": stored.k, "lambda": stored.lam}
+    resume = resume_state(workspace, "rankone", options, config)
+    # Router initial noise comes from the seed too, so runs (and resumed runs) start from the same routers.
+    model = routed_model(workspace.architecture, stored.static, stored.pool, stored.lam, options.select,
+                         options.routing, stored.tasks, seed=options.seed).to(options.device)
+    heads = task_heads(workspace, requests, options.device)
+    losses = adapt_with_checkpoints(workspace, "rankone", classify_with(model, heads), router_parameters(model),
+                                    unlabeled, options, config, resume)
+    metadata = {**config, "steps": options.steps, "heads": {task: {"classnames": names, "templates": templates}
+                                                             for task, (names, templates) in requests.items()}, "losses": losses}
+    with workspace.transaction() as staging:
+        staging.save_tensors(ADAPTED_ROUTERS, router_state(model), {"rankone": json.dumps(metadata)})
+    return ADAPTED_ROUTERS
+
+
+ADAPT_METHODS: dict[str, Callable[[Workspace, AdaptOptions], str]] = {"rankone": adapt_rankone}
+
+# The comparison methods live in their own modules and reuse this file's loop and helpers.
+from rankone.adamerging import adapt_adamerging  # noqa: E402
+from rankone.wemoe import adapt_wemoe  # noqa: E402
+
+ADAPT_METHODS.update(adamerging=adapt_adamerging, wemoe=adapt_wemoe)

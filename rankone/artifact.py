@@ -1,0 +1,275 @@
+"""The exported model: one folder, `rankone.json` + `model.safetensors`, and `rankone.load`.
+
+`model.safetensors` holds everything inference needs and nothing else: the static image
+tower (θ0 + λΣτ; MLP weights pretrained, MLP biases static), the pool (`*.pool_u`,
+`*.pool_v`), the routers (`*.mlp.router.*`) and one zero-shot head per task
+(`heads.<task>`). No text tower: the heads are already computed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor, nn
+
+from rankone.errors import RankoneError
+from rankone.workspace import Workspace, load_tensors, read_tensors_metadata, save_tensors_atomic, sha256_file
+
+CONFIG_FILE = "rankone.json"
+WEIGHTS_FILE = "model.safetensors"
+ARTIFACT_FORMAT = 1
+HEAD_PREFIX = "heads."
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class RankOneClassifier(nn.Module):
+    """The routed image tower with its heads: `encode_image(images)`, `classify(images, task)`."""
+
+    def __init__(self, visual: nn.Module, heads: dict[str, Tensor], classnames: dict[str, list[str]], config: dict[str, Any]) -> None:
+        super().__init__()
+        self.visual = visual
+        self.tasks = list(heads)
+        self.classnames = classnames
+        self.config = config
+        for index, task in enumerate(self.tasks):
+            # Task names may hold characters buffer names cannot; buffers are numbered instead.
+            self.register_buffer(f"head_{index}", heads[task])
+
+    def head(self, task: str) -> Tensor:
+        if task not in self.tasks:
+            raise RankoneError(f"--task {task!r}: unknown task; known tasks: {', '.join(self.tasks)}")
+        return getattr(self, f"head_{self.tasks.index(task)}")
+
+    @property
+    def preprocess(self):
+        """The evaluation transform (PIL image → tensor) the model expects."""
+        from rankone.models import preprocess_for
+
+        return preprocess_for(self.config["architecture"])
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        parameter = next(self.visual.parameters())
+        return self.visual(images.to(parameter.device, parameter.dtype))
+
+    def classify(self, images: Tensor, task: str) -> Tensor:
+        """Logits 100 · normalize(embedding) @ headᵀ for `task`."""
+        from rankone.heads import classify_logits
+
+        head = self.head(task)
+        return classify_logits(self.encode_image(images).float(), head.float())
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.encode_image(images)
+
+
+# ---- building the model from a workspace ------------------------------------------------
+
+@dataclass
+class WorkspaceModel:
+    visual: nn.Module
+    static_and_pool: dict[str, Tensor]
+    routers: dict[str, Tensor]
+    classnames: dict[str, list[str]]
+    config: dict[str, Any]
+
+
+def adapted_routers(workspace: Workspace) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Routers and settings from adapted/rankone.safetensors."""
+    from rankone.adapt import ADAPTED_ROUTERS
+
+    routers = workspace.load_tensors(ADAPTED_ROUTERS)
+    try:
+        metadata = json.loads(read_tensors_metadata(workspace.path(ADAPTED_ROUTERS))["rankone"])
+    except (KeyError, ValueError):
+        raise RankoneError(f"{workspace.path(ADAPTED_ROUTERS)}: metadata missing; rerun `rankone adapt`") from None
+    return routers, metadata
+
+
+def routed_from_workspace(
+    workspace: Workspace, device: torch.device | str = "cpu", select: float | None = None, routing: str | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The adapted routed tower (pool + adapted routers) and the adaptation's settings.
+
+    `select`/`routing` default to those the routers were trained with.
+    """
+    from rankone.moe import load_router_state, routed_model
+    from rankone.pool import read_pool
+
+    stored = read_pool(workspace)
+    routers, metadata = adapted_routers(workspace)
+    if metadata.get("k") != stored.k or metadata.get("lambda") != stored.lam:
+        raise RankoneError(f"{workspace.path('adapted/rankone.safetensors')}: trained on another pool; rerun `rankone adapt`")
+    select = metadata.get("select") if select is None else select
+    routing = routing or metadata.get("routing", "per-sample")
+    model = routed_model(workspace.architecture, stored.static, stored.pool, stored.lam, select, routing, stored.tasks)
+    load_router_state(model, routers, str(workspace.path("adapted/rankone.safetensors")))
+    settings = {"k": stored.k, "lambda": stored.lam, "select": select, "routing": routing,
+                "tasks": stored.tasks, "heads": metadata.get("heads", {})}
+    return model.to(device).eval(), settings
+
+
+def load_workspace(workspace: Workspace, device: torch.device | str = "cpu") -> RankOneClassifier:
+    """The adapted model of a workspace with heads for the tasks its routers were adapted on."""
+    from rankone.adapt import task_heads
+
+    device = torch.device(device)
+    visual, settings = routed_from_workspace(workspace, device)
+    requests = {task: (entry["classnames"], entry["templates"]) for task, entry in settings.pop("heads").items()}
+    heads = task_heads(workspace, requests, device)
+    classnames = {task: names for task, (names, _) in requests.items()}
+    templates = {task: list(templates) if templates is not None else _templates(task) for task, (_, templates) in requests.items()}
+    config = {"format": ARTIFACT_FORMAT, "architecture": workspace.architecture, **settings,
+              "head_tasks": list(heads), "classnames": classnames, "templates": templates}
+    return RankOneClassifier(visual, heads, classnames, config).to(device).eval()
+
+
+# ---- export and load ---------------------------------------------------------------------
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ("rankone", "torch", "open_clip_torch", "safetensors"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "unknown"
+    return versions
+
+
+def _templates(task: str) -> list[str] | None:
+    try:
+        from rankone.heads import templates_for
+
+        return list(templates_for(task))
+    except (ImportError, RankoneError):
+        return None
+
+
+def export(workspace: Workspace, out: Path, dtype: str = "fp32", device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Write `out/rankone.json` and `out/model.safetensors`; returns the JSON written.
+
+    `out` must not exist, be empty, or hold an earlier export (which is replaced).
+    """
+    from rankone.moe import parameter_counts
+
+    if dtype not in DTYPES:
+        raise RankoneError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_FILE).is_file())):
+        raise RankoneError(f"--out {out}: exists and is not an earlier export; choose another folder")
+    model = load_workspace(workspace, device)
+    visual_state = {f"visual.{name}": tensor for name, tensor in model.visual.state_dict().items()}
+    tensors = {_stored_name(name): tensor.to(DTYPES[dtype]) for name, tensor in visual_state.items()}
+    for task in model.tasks:
+        tensors[HEAD_PREFIX + task] = model.head(task).to(DTYPES[dtype])
+    config = dict(model.config)
+    config.update(
+        dtype=dtype,
+        parameters={**parameter_counts(model.visual), "heads": sum(model.head(task).numel() for task in model.tasks)},
+        versions=package_versions(),
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
+    try:
+        save_tensors_atomic(staging / WEIGHTS_FILE, tensors, {"rankone": json.dumps({key: config[key] for key in ("format", "tasks", "head_tasks", "k", "lambda", "select", "routing", "dtype")})})
+        config["sha256"] = {WEIGHTS_FILE: sha256_file(staging / WEIGHTS_FILE)}
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return config
+
+
+# The routed tower's parameter names → the pool file's names, so loading reuses `routed_model`.
+_POOL_NAMES = {"fc_u": "c_fc.pool_u", "fc_v": "c_fc.pool_v", "proj_u": "c_proj.pool_u", "proj_v": "c_proj.pool_v"}
+
+
+def _stored_name(name: str) -> str:
+    stem, _, last = name.rpartition(".")
+    return f"{stem}.{_POOL_NAMES[last]}" if stem.endswith(".mlp") and last in _POOL_NAMES else name
+
+
+def load_artifact(folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> RankOneClassifier:
+    """An exported folder as a classifier, in the dtype it was exported in unless `dtype` is given."""
+    from rankone.moe import load_router_state, routed_model
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise RankoneError(f"{folder / CONFIG_FILE}: not readable ({error})") from None
+    if config.get("format") != ARTIFACT_FORMAT:
+        raise RankoneError(f"{folder / CONFIG_FILE}: unsupported artifact format {config.get('format')!r}")
+    weights = folder / WEIGHTS_FILE
+    recorded = config.get("sha256", {}).get(WEIGHTS_FILE)
+    if recorded and weights.is_file() and sha256_file(weights) != recorded:
+        raise RankoneError(f"{weights}: does not match the sha256 in {CONFIG_FILE} (changed or truncated); export again")
+    tensors = load_tensors(weights)
+    heads = {name[len(HEAD_PREFIX):]: tensor for name, tensor in tensors.items() if name.startswith(HEAD_PREFIX)}
+    routers = {name.removeprefix("visual."): tensor for name, tensor in tensors.items() if ".mlp.router." in name}
+    rest = {name: tensor for name, tensor in tensors.items() if not name.startswith(HEAD_PREFIX) and ".mlp.router." not in name}
+    pool = {name: tensor for name, tensor in rest.items() if name.endswith((".pool_u", ".pool_v"))}
+    static = {name: tensor for name, tensor in rest.items() if name not in pool}
+    visual = routed_model(config["architecture"], static, pool, config["lambda"], config["select"], config["routing"], config["tasks"])
+    load_router_state(visual, routers, str(weights))
+    ordered = {task: heads[task] for task in config.get("head_tasks", list(heads)) if task in heads}
+    model = RankOneClassifier(visual, ordered, config.get("classnames", {}), config)
+    return model.to(device=device, dtype=dtype or DTYPES.get(config.get("dtype"), torch.float32)).eval()
+
+
+def load(path: Path | str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> RankOneClassifier:
+    """An exported folder (with rankone.json) or a workspace (pool + adapted routers) as a classifier."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        return load_artifact(path, device, dtype)
+    workspace = Workspace(path)
+    if workspace.exists():
+        model = load_workspace(workspace, device)
+        return model.to(dtype=dtype) if dtype is not None else model
+    raise RankoneError(f"{path}: neither an exported model (no {CONFIG_FILE}) nor a workspace (no manifest.json)")
+
+
+# ---- predict ------------------------------------------------------------------------------
+
+def predict(model: RankOneClassifier, images: list[Path], task: str, top: int = 5, batch_size: int = 32) -> list[dict[str, Any]]:
+    """Per image: the `top` classes of `task` with their softmax probabilities, best first."""
+    head = model.head(task)
+    names = model.classnames.get(task) or [str(index) for index in range(head.shape[0])]
+    transform = model.preprocess
+    results = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        pixels = []
+        for path in chunk:
+            try:
+                with Image.open(path) as image:
+                    pixels.append(transform(image.convert("RGB")))
+            except (OSError, UnidentifiedImageError) as error:
+                raise RankoneError(f"{path}: not a readable image ({error})") from None
+        with torch.no_grad():
+            probabilities = model.classify(torch.stack(pixels), task).softmax(dim=-1).cpu()
+        values, indices = probabilities.topk(min(top, probabilities.shape[1]), dim=-1)
+        for path, row_values, row_indices in zip(chunk, values.tolist(), indices.tolist()):
+            results.append({"image": str(path), "task": task,
+                            "top": [{"class": names[i], "probability": p} for p, i in zip(row_values, row_indices)]})
+    return results
+
+
+def rankone_method(workspace: Workspace, method: str, device: torch.device):
+    """methods.py loader for `rankone eval --method rankone`: the adapted routed tower for every task."""
+    from rankone.methods import MethodModel
+    from rankone.moe import parameter_counts
+
+    visual, _ = routed_from_workspace(workspace, device)
+    return MethodModel(encoder_for_task=lambda task: visual, parameters=parameter_counts(visual)["total"], name=method)

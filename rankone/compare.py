@@ -1,0 +1,160 @@
+"""Every method the workspace can run, evaluated on the same heads and images: the paper's Table 1.
+
+A method runs when its inputs exist: `pretrained` (base), `individual` (every expert),
+each `merged/<method>`, each `adapted/<method>` (adamerging and wemoe also need the task
+vectors, rankone the pool). Rows come in the paper's order: references, static merges,
+adaptive merges, RankOne-MoE last. Parameter counts are each method's image model (heads
+excluded, as in `rankone eval`) relative to the pretrained image tower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rankone.errors import RankoneError
+from rankone.workspace import Workspace
+
+COMPARE_JSON = "compare.json"
+COMPARE_MARKDOWN = "compare.md"
+# The paper's row order; methods not listed here follow in the order methods.py lists them.
+ROW_ORDER = ("pretrained", "individual", "weight-averaging", "task-arithmetic", "ties", "dare", "adamerging", "wemoe", "rankone")
+# What a method needs besides its own file, checked before anything is loaded.
+NEEDS_TASK_VECTORS = ("adamerging", "wemoe")
+
+
+def available_methods(workspace: Workspace) -> list[str]:
+    """Names of the methods whose inputs the workspace holds, in ROW_ORDER."""
+    from rankone.methods import LOADERS
+    from rankone.task_vectors import task_vector_path
+
+    tasks = workspace.tasks
+    files = workspace.manifest().get("files", {})
+    present = set(files)
+    found: list[str] = []
+    if "base.safetensors" in present:
+        found.append("pretrained")
+        if tasks and all(f"experts/{task}.safetensors" in present for task in tasks):
+            found.append("individual")
+    for folder in ("merged", "adapted"):
+        for relpath in files:
+            parent, _, name = relpath.partition("/")
+            if parent != folder or "/" in name or not name.endswith(".safetensors"):
+                continue
+            method = name.removesuffix(".safetensors")
+            if method not in LOADERS or method in found:
+                continue
+            if method in NEEDS_TASK_VECTORS and not all(task_vector_path(task) in present for task in tasks):
+                continue
+            if method == "rankone" and "pool.safetensors" not in present:
+                continue
+            found.append(method)
+    order = list(ROW_ORDER) + [name for name in LOADERS if name not in ROW_ORDER]
+    return sorted(found, key=order.index)
+
+
+def tower_parameters(workspace: Workspace) -> int:
+    """Parameters of the pretrained image tower, the unit of the comparison's parameter column."""
+    from safetensors import safe_open
+
+    path = workspace.require("base.safetensors")
+    total = 0
+    # Shapes from the header: no need to load a full CLIP to count its image tower.
+    with safe_open(str(path), framework="pt") as handle:
+        for key in handle.keys():
+            if key.startswith("visual."):
+                count = 1
+                for size in handle.get_slice(key).get_shape():
+                    count *= size
+                total += count
+    return total
+
+
+def relative(parameters: int, tower: int) -> str:
+    """`1.30×`: a method's parameters as a multiple of the pretrained tower."""
+    return f"{parameters / tower:.2f}×"
+
+
+def compare(
+    workspace: Workspace,
+    data: Path | str,
+    tasks: Sequence[str] | None = None,
+    methods: Sequence[str] | None = None,
+    *,
+    heads_source: str = "builtin",
+    classnames: dict[str, list[str]] | None = None,
+    templates: dict[str, list[str]] | None = None,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+    progress: bool = True,
+    on_method=None,
+) -> dict[str, Any]:
+    """Evaluate every available method (or `methods`) and write eval/<method>.json, compare.json, compare.md.
+
+    All files are written in one transaction after the last evaluation, so a failure leaves
+    the workspace as it was. `on_method(name)` is called before each method (for the CLI).
+    Returns the content of compare.json.
+    """
+    from rankone.evaluate import evaluate, evaluation_inputs, report_path
+    from rankone.methods import load_method
+
+    available = available_methods(workspace)
+    if methods:
+        unknown = [name for name in methods if name not in available]
+        if unknown:
+            raise RankoneError(f"--methods: {unknown[0]!r} cannot run in this workspace (runnable: {', '.join(available) or 'none'})")
+        chosen = [name for name in available if name in methods]
+    else:
+        chosen = available
+    if not chosen:
+        raise RankoneError(f"{workspace.root}: no method can run here; run `rankone fetch` first")
+    tasks = list(tasks) if tasks else workspace.tasks
+    if len(set(tasks)) != len(tasks):
+        raise RankoneError("--tasks: a task is given twice")
+    data = Path(data)
+    if not data.is_dir():
+        raise RankoneError(f"--data {data}: no such folder")
+    heads, datasets = evaluation_inputs(
+        workspace, tasks, data, heads_source=heads_source, classnames=classnames, templates=templates, device=device
+    )
+    tower = tower_parameters(workspace)
+    reports: dict[str, dict[str, Any]] = {}
+    for name in chosen:
+        if on_method is not None:
+            on_method(name)
+        method_model = load_method(workspace, name, device)
+        reports[name] = evaluate(method_model, heads, datasets, device=device, batch_size=batch_size, progress=progress)
+        del method_model
+    rows = [
+        {"method": name, "accuracy": {task: result["accuracy"] for task, result in report["tasks"].items()},
+         "average": report["average"], "parameters": report["parameters"], "relative_parameters": report["parameters"] / tower}
+        for name, report in reports.items()
+    ]
+    summary = {"tasks": tasks, "images": {task: len(images.paths) for task, images in datasets.items()},
+               "heads_source": heads_source, "tower_parameters": tower, "rows": rows}
+    with workspace.transaction() as staging:
+        for name, report in reports.items():
+            # The same file, byte for byte, that `rankone eval --method <name>` writes.
+            staging.write_json(report_path(name), report)
+        staging.write_json(COMPARE_JSON, summary)
+        staging.path(COMPARE_MARKDOWN).write_text(markdown_table(summary))
+    return summary
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    """compare.json as a Markdown table: a row per method, a column per task, the average, the parameters."""
+    tasks = summary["tasks"]
+    lines = [
+        f"Top-1 accuracy (%) on {len(tasks)} tasks; parameters relative to the pretrained image tower "
+        f"({summary['tower_parameters']:,}), heads excluded.",
+        "",
+        "| Method | " + " | ".join(tasks) + " | Avg. | Params |",
+        "|---|" + "---:|" * (len(tasks) + 2),
+    ]
+    for row in summary["rows"]:
+        cells = [f"{row['accuracy'][task]:.1f}" for task in tasks]
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {row['average']:.1f} | {relative(row['parameters'], summary['tower_parameters'])} |")
+    return "\n".join(lines) + "\n"

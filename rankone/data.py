@@ -1,0 +1,162 @@
+"""Image folders: labeled `DIR/<task>/<class>/<image>` and unlabeled `DIR/<task>/**/<image>`.
+
+Class names come from the class folder names (underscores read as spaces) unless the
+caller passes them; then each folder is matched to one of the given names, and the order
+of the given names defines the labels. Files that are not images are skipped and counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from rankone.errors import RankoneError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+
+
+@dataclass
+class LabeledImages:
+    paths: list[Path]
+    labels: list[int]
+    classnames: list[str]
+    skipped: int = 0
+    task: str = ""
+
+
+class ImagePaths(list):
+    """A list of image paths that also says how many non-image files were skipped."""
+
+    def __init__(self, paths: Sequence[Path] = (), skipped: int = 0) -> None:
+        super().__init__(paths)
+        self.skipped = skipped
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def class_key(name: str) -> str:
+    """What a class folder and a class name are compared by: case ignored, `_`, `/` and runs of
+    spaces alike (so `sources.class_folder_name`'s folders map back to their class names)."""
+    return " ".join(name.replace("_", " ").replace("/", " ").lower().split())
+
+
+def _task_folder(root: Path | str, task: str) -> Path:
+    folder = Path(root) / task
+    if not folder.is_dir():
+        raise RankoneError(f"{folder}: no folder for task {task!r} (expected {Path(root)}/<task>/...)")
+    return folder
+
+
+def _files_under(folder: Path) -> tuple[list[Path], int]:
+    images, skipped = [], 0
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        if is_image(path):
+            images.append(path)
+        else:
+            skipped += 1
+    return images, skipped
+
+
+def labeled_images(root: Path | str, task: str, classnames: Sequence[str] | None = None) -> LabeledImages:
+    """Images of `root/<task>/<class>/**` with integer labels.
+
+    Without `classnames`, classes are the sorted folder names with `_` read as a space.
+    With them, each folder must match one name (see `class_key`); labels follow their order.
+    Files directly in the task folder, and non-image files, are skipped and counted.
+    """
+    folder = _task_folder(root, task)
+    class_folders = sorted(path for path in folder.iterdir() if path.is_dir() and not path.name.startswith("."))
+    skipped = sum(1 for path in folder.iterdir() if path.is_file())
+    if not class_folders:
+        raise RankoneError(f"{folder}: no class folders (expected {folder}/<class>/<image>)")
+    if classnames is None:
+        names = [path.name.replace("_", " ") for path in class_folders]
+        label_of = {path: index for index, path in enumerate(class_folders)}
+    else:
+        names = list(classnames)
+        index_of: dict[str, int] = {}
+        for index, name in enumerate(names):
+            index_of.setdefault(class_key(name), index)
+        label_of = {}
+        for path in class_folders:
+            key = class_key(path.name)
+            if key not in index_of:
+                raise RankoneError(f"{path}: class folder matches none of the {len(names)} class names (for example {names[0]!r})")
+            label_of[path] = index_of[key]
+    paths: list[Path] = []
+    labels: list[int] = []
+    for path in class_folders:
+        images, skipped_here = _files_under(path)
+        skipped += skipped_here
+        paths.extend(images)
+        labels.extend([label_of[path]] * len(images))
+    if not paths:
+        raise RankoneError(f"{folder}: no images for task {task!r} (skipped {skipped} non-image files)")
+    return LabeledImages(paths=paths, labels=labels, classnames=names, skipped=skipped, task=task)
+
+
+def unlabeled_images(root: Path | str, task: str) -> ImagePaths:
+    """Every image under `root/<task>/` at any depth, sorted; `.skipped` counts non-image files."""
+    folder = _task_folder(root, task)
+    images, skipped = _files_under(folder)
+    if not images:
+        raise RankoneError(f"{folder}: no images for task {task!r} (skipped {skipped} non-image files)")
+    return ImagePaths(images, skipped)
+
+
+def load_image(path: Path) -> Image.Image:
+    """An image file as RGB; an unreadable one is an error naming the file."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise RankoneError(f"{path}: not a readable image ({error})") from None
+
+
+class ImageDataset(Dataset):
+    """Images (RGB, transformed) and, when labels are given, (image, label) pairs."""
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        labels: Sequence[int] | None = None,
+        transform: Callable[[Image.Image], torch.Tensor] | None = None,
+    ) -> None:
+        if labels is not None and len(labels) != len(paths):
+            raise RankoneError(f"dataset: {len(paths)} images but {len(labels)} labels")
+        self.paths = list(paths)
+        self.labels = None if labels is None else list(labels)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        image = load_image(Path(self.paths[index]))
+        tensor = self.transform(image) if self.transform is not None else _to_tensor(image)
+        if self.labels is None:
+            return tensor
+        return tensor, int(self.labels[index])
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def image_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, workers: int = 0) -> DataLoader:
+    """A DataLoader; with `shuffle`, the order is fixed by `seed`."""
+    if batch_size < 1:
+        raise RankoneError(f"--batch-size {batch_size}: must be at least 1")
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers)

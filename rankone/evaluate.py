@@ -1,0 +1,214 @@
+"""Top-1 accuracy per task through the zero-shot heads, and the JSON report.
+
+Report schema (`eval/<method>.json`):
+`{"method": str, "tasks": {task: {"accuracy": percent, "n": images}}, "average": percent,
+"parameters": int}`; the average is the unweighted mean of the task accuracies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+from rankone.data import ImageDataset, LabeledImages, image_loader, labeled_images
+from rankone.errors import RankoneError
+from rankone.heads import HEAD_SOURCES, classify_logits, fusionbench_classnames_and_templates, heads_for_tasks
+from rankone.methods import MethodModel
+from rankone.workspace import Staging, Workspace
+
+EVAL_DIR = "eval"
+
+
+class ImagesPerSecond(ProgressColumn):
+    def render(self, task) -> Text:
+        # Completed over elapsed, not rich's windowed estimate: that needs several updates.
+        elapsed = task.finished_time if task.finished else task.elapsed
+        if not elapsed or not task.completed:
+            return Text("")
+        return Text(f"{task.completed / elapsed:,.1f} img/s", style="progress.data.speed")
+
+
+def eval_progress(console: Console | None = None) -> Progress:
+    """A rich progress bar counting images, with throughput."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        ImagesPerSecond(),
+        TimeRemainingColumn(),
+        console=console or Console(stderr=True),
+    )
+
+
+def task_accuracy(
+    encoder: torch.nn.Module,
+    head: torch.Tensor,
+    images: LabeledImages,
+    transform,
+    *,
+    device: torch.device | str,
+    batch_size: int = 64,
+    advance=None,
+) -> tuple[int, int]:
+    """(correct, total) top-1 predictions of `encoder` + `head` on `images`."""
+    if head.shape[0] != len(images.classnames):
+        raise RankoneError(f"head for task {images.task!r}: has {head.shape[0]} classes, the data has {len(images.classnames)}")
+    loader = image_loader(ImageDataset(images.paths, images.labels, transform), batch_size)
+    head = head.to(device)
+    correct = total = 0
+    encoder.eval()
+    with torch.no_grad():
+        for batch, labels in loader:
+            logits = classify_logits(encoder(batch.to(device)), head)
+            correct += int((logits.argmax(dim=-1).cpu() == labels).sum())
+            total += len(labels)
+            if advance is not None:
+                advance(len(labels))
+    return correct, total
+
+
+def evaluate(
+    method_model: MethodModel,
+    heads: dict[str, torch.Tensor],
+    datasets: dict[str, LabeledImages],
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Top-1 accuracy (percent) of `method_model` on every task of `datasets`, as the report dict."""
+    if not datasets:
+        raise RankoneError("eval: no tasks to evaluate")
+    if method_model.preprocess is None:
+        raise RankoneError(f"method {method_model.name!r}: has no image preprocessing (load it with methods.load_method)")
+    for task in datasets:
+        if task not in heads:
+            raise RankoneError(f"heads: no head for task {task!r}")
+    results: dict[str, dict[str, float | int]] = {}
+    bar = eval_progress() if progress else None
+    try:
+        if bar is not None:
+            bar.start()
+        for task, images in datasets.items():
+            advance = None
+            if bar is not None:
+                bar_task = bar.add_task(f"{method_model.name or 'eval'} · {task}", total=len(images.paths))
+                advance = lambda n, bar_task=bar_task: bar.advance(bar_task, n)  # noqa: E731
+            encoder = method_model.encoder_for_task(task)
+            correct, total = task_accuracy(
+                encoder, heads[task], images, method_model.preprocess, device=device, batch_size=batch_size, advance=advance
+            )
+            results[task] = {"accuracy": 100.0 * correct / total, "n": total}
+    finally:
+        if bar is not None:
+            bar.stop()
+    average = sum(result["accuracy"] for result in results.values()) / len(results)
+    return {"method": method_model.name, "tasks": results, "average": average, "parameters": int(method_model.parameters)}
+
+
+def check_tasks(workspace: Workspace, tasks: Sequence[str]) -> None:
+    """Every task must be a workspace task; the error lists the known ones."""
+    known = workspace.tasks
+    for task in tasks:
+        if task not in known:
+            raise RankoneError(f"--tasks: unknown task {task!r}; the workspace has {', '.join(known) or 'no tasks'}")
+    if len(set(tasks)) != len(tasks):
+        raise RankoneError("--tasks: a task is given twice")
+
+
+def evaluation_inputs(
+    workspace: Workspace,
+    tasks: Sequence[str],
+    data_root: Path | str,
+    *,
+    heads_source: str = "builtin",
+    classnames: dict[str, list[str]] | None = None,
+    templates: dict[str, list[str]] | None = None,
+    device: torch.device | str = "cpu",
+    staging: Staging | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, LabeledImages]]:
+    """Heads and labeled test images for `tasks`.
+
+    `builtin`: class names from the data folders, templates from the built-in table.
+    `fusionbench`: both from FusionBench's lists (what its checkpoints were trained with).
+    `classnames`/`templates` ({task: list}) override either source for single tasks.
+    New heads go into `staging` when given (see `heads.heads_for_tasks`).
+    """
+    if heads_source not in HEAD_SOURCES:
+        raise RankoneError(f"--heads-source {heads_source!r}: choose from {', '.join(HEAD_SOURCES)}")
+    check_tasks(workspace, tasks)
+    classnames, templates = classnames or {}, templates or {}
+    for option, given in (("--classnames", classnames), ("--templates", templates)):
+        for task in given:
+            if task not in tasks:
+                raise RankoneError(f"{option}: task {task!r} is not among the evaluated tasks ({', '.join(tasks)})")
+    datasets: dict[str, LabeledImages] = {}
+    requests: dict[str, tuple[list[str], list[str] | None]] = {}
+    for task in tasks:
+        task_classnames: list[str] | None = None
+        task_templates: list[str] | None = None
+        if heads_source == "fusionbench":
+            task_classnames, task_templates = fusionbench_classnames_and_templates(task)
+        task_classnames = classnames.get(task, task_classnames)
+        task_templates = templates.get(task, task_templates)
+        datasets[task] = labeled_images(data_root, task, task_classnames)
+        requests[task] = (datasets[task].classnames, task_templates)
+    heads = heads_for_tasks(workspace, requests, device, staging=staging)
+    return heads, datasets
+
+
+def report_path(method: str) -> str:
+    return f"{EVAL_DIR}/{method}.json"
+
+
+def write_report(workspace: Workspace, report: dict[str, Any], staging: Staging | None = None) -> str:
+    """`eval/<method>.json`, written atomically (into `staging` when given) and recorded in the manifest."""
+    relpath = report_path(report["method"])
+    if staging is not None:
+        staging.write_json(relpath, report)
+        return relpath
+    with workspace.transaction() as own:
+        own.write_json(relpath, report)
+    return relpath
+
+
+def evaluate_workspace(
+    workspace: Workspace,
+    method: str,
+    tasks: Sequence[str] | None,
+    data_root: Path | str,
+    *,
+    heads_source: str = "builtin",
+    classnames: dict[str, list[str]] | None = None,
+    templates: dict[str, list[str]] | None = None,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+    progress: bool = True,
+    on_datasets: Callable[[dict[str, LabeledImages]], None] | None = None,
+) -> tuple[dict[str, Any], str]:
+    """The whole eval stage: (report, relpath of eval/<method>.json).
+
+    New heads and the report are committed together, so a failed run leaves no trace.
+    """
+    from rankone.methods import load_method
+
+    tasks = list(tasks) if tasks else workspace.tasks
+    check_tasks(workspace, tasks)
+    # The method first: a missing merge should fail before any head is built.
+    method_model = load_method(workspace, method, device)
+    with workspace.transaction() as staging:
+        heads, datasets = evaluation_inputs(
+            workspace, tasks, data_root, heads_source=heads_source, classnames=classnames, templates=templates,
+            device=device, staging=staging,
+        )
+        if on_datasets is not None:
+            on_datasets(datasets)
+        report = evaluate(method_model, heads, datasets, device=device, batch_size=batch_size, progress=progress)
+        relpath = write_report(workspace, report, staging)
+    return report, relpath

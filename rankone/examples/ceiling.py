@@ -1,0 +1,41 @@
+"""The "perfect router": the ceiling of any routing of MLP weights.
+
+For task t it uses the static part θ0 + λΣτ (as stored in `pool.safetensors`) everywhere
+except the MLP weight matrices, which are task t's own fine-tuned ones. No router can do
+better by recombining MLP weights, so RankOne-MoE's place between task arithmetic and this
+ceiling says how much of the reachable gain it recovers. It is an oracle: it is told the task.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rankone.errors import RankoneError
+from rankone.workspace import Workspace
+
+
+def perfect_router_method(workspace: Workspace, method: str, device: torch.device):
+    """methods.py loader for `rankone eval --method perfect-router` (needs `rankone build-pool`)."""
+    from rankone.methods import MethodModel, visual_encoder
+    from rankone.models import count_parameters, visual_state
+    from rankone.pool import MLP_WEIGHT, POOL_FILE, read_pool
+
+    if not workspace.has(POOL_FILE):
+        raise RankoneError(f"{workspace.path(POOL_FILE)}: missing; run `rankone build-pool` first (its static part is the ceiling's)")
+    stored = read_pool(workspace)
+    tasks = workspace.tasks
+    loaded: dict[str, nn.Module] = {}
+
+    def encoder_for_task(task: str) -> nn.Module:
+        if task not in tasks:
+            raise RankoneError(f"--method {method}: no expert for task {task!r}; the workspace has {', '.join(tasks)}")
+        if task not in loaded:
+            loaded.clear()
+            expert = visual_state(workspace.load_tensors(f"experts/{task}.safetensors"))
+            tower = {key: (expert[key] if MLP_WEIGHT.match(key) else value) for key, value in stored.static.items()}
+            loaded[task] = visual_encoder(workspace.architecture, tower, device)
+        return loaded[task]
+
+    mlp = sum(value.numel() for key, value in stored.static.items() if MLP_WEIGHT.match(key))
+    return MethodModel(encoder_for_task=encoder_for_task, parameters=count_parameters(stored.static) + (len(tasks) - 1) * mlp, name=method)

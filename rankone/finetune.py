@@ -1,0 +1,191 @@
+"""Fine-tuning a CLIP image tower against its task's frozen zero-shot head.
+
+This is the recipe behind FusionBench's CLIP checkpoints (and the task-arithmetic papers):
+the head is built once from the pretrained text tower and never changes, only the image
+tower trains, Adam at lr 1e-5 with batch 32, cross-entropy on `100 · normalize(emb) @ headᵀ`.
+The result is written as an open_clip model directory (`open_clip_config.json` +
+`open_clip_model.safetensors`), which `rankone fetch` accepts as an expert.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from rankone.errors import RankoneError
+from rankone.models import VISUAL_PREFIX
+
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+
+
+def _batches(dataset: Dataset, batch_size: int, generator: torch.Generator, num_workers: int):
+    """Shuffled batches forever: fine-tuning counts steps, not epochs."""
+    while True:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size,
+                            generator=generator, num_workers=num_workers)
+        yield from loader
+
+
+def finetune_image_tower(
+    clip_model: torch.nn.Module,
+    head: torch.Tensor,
+    dataset: Dataset,
+    steps: int = 2000,
+    lr: float = 1e-5,
+    batch_size: int = 32,
+    seed: int = 0,
+    weight_decay: float = 0.0,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Train `clip_model.visual` on (image, label) pairs against the frozen `head`.
+
+    Returns the fine-tuned image tower (`visual.*` keys) and the loss of every step. Only
+    the image tower receives gradients; the text tower and logit scale stay as they were.
+    """
+    if steps < 1:
+        raise RankoneError(f"--steps {steps}: must be at least 1")
+    if lr <= 0:
+        raise RankoneError(f"--lr {lr}: must be positive")
+    if batch_size < 1:
+        raise RankoneError(f"--batch-size {batch_size}: must be at least 1")
+    if len(dataset) == 0:
+        raise RankoneError("fine-tuning data: no images")
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    visual = clip_model.visual.to(device).train()
+    head = F.normalize(head.detach().to(device, torch.float32), dim=-1)
+    optimizer = torch.optim.Adam(visual.parameters(), lr=lr, weight_decay=weight_decay)
+    losses: list[float] = []
+    batches = _batches(dataset, batch_size, generator, num_workers)
+    for step in range(steps):
+        images, labels = next(batches)
+        embeddings = visual(images.to(device))
+        logits = 100.0 * F.normalize(embeddings, dim=-1) @ head.T
+        loss = F.cross_entropy(logits, labels.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, losses[-1])
+    visual.eval()
+    tower = {f"{VISUAL_PREFIX}{key}": value.detach().cpu().clone() for key, value in visual.state_dict().items()}
+    return tower, losses
+
+
+def write_open_clip_dir(
+    out: Path | str, architecture: dict[str, Any], state_dict: dict[str, torch.Tensor], extra: dict[str, Any] | None = None
+) -> Path:
+    """An open_clip model directory: `open_clip_config.json` (`model_cfg`, `preprocess_cfg`) and
+    `open_clip_model.safetensors`, written to a temporary folder and renamed into place."""
+    import os
+    import shutil
+    import tempfile
+
+    from rankone.workspace import save_tensors_atomic, write_json_atomic
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RankoneError(f"--out {out}: exists and is not an empty directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
+    try:
+        model_cfg = {key: value for key, value in architecture.items() if key != "name"}
+        image_size = architecture["vision_cfg"].get("image_size", 224)
+        config = {
+            "model_cfg": model_cfg,
+            "preprocess_cfg": {"image_size": image_size, "mean": list(_CLIP_MEAN), "std": list(_CLIP_STD),
+                               "interpolation": "bicubic", "resize_mode": "shortest"},
+        }
+        if "name" in architecture:
+            config["model_name"] = architecture["name"]
+        if extra:
+            config["rankone"] = extra
+        write_json_atomic(staging / OPEN_CLIP_CONFIG, config)
+        save_tensors_atomic(staging / OPEN_CLIP_WEIGHTS, state_dict)
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class FinetuneResult:
+    out: Path
+    classnames: list[str]
+    templates: list[str]
+    losses: list[float]
+    images: int
+
+
+def finetune_expert(
+    architecture: dict[str, Any],
+    base_state: dict[str, torch.Tensor],
+    task: str,
+    data: Path | str,
+    out: Path | str,
+    steps: int = 2000,
+    lr: float = 1e-5,
+    batch_size: int = 32,
+    seed: int = 0,
+    classnames: list[str] | None = None,
+    templates: list[str] | None = None,
+    device: torch.device | str = "cpu",
+    on_step: Callable[[int, float], None] | None = None,
+) -> FinetuneResult:
+    """What `rankone finetune` does: fine-tune on `data/<task>/<class>/*` against the task's
+    zero-shot head (built-in templates unless given) and write an open_clip directory to `out`.
+
+    The directory holds the whole CLIP (the text tower unchanged), so open_clip and
+    `rankone fetch` both read it; its config records the task, class names and templates.
+    """
+    from rankone.data import ImageDataset, labeled_images
+    from rankone.heads import templates_for, template_strings, zero_shot_head
+    from rankone.models import load_clip, preprocess_for, tokenizer_for
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RankoneError(f"--out {out}: exists and is not an empty directory")
+    labeled = labeled_images(data, task, classnames)
+    templates = template_strings(templates if templates is not None else templates_for(task))
+    clip_model = load_clip(architecture, base_state).to(device)
+    head = zero_shot_head(clip_model, tokenizer_for(architecture), labeled.classnames, templates, device)
+    dataset = ImageDataset(labeled.paths, labeled.labels, preprocess_for(architecture))
+    tower, losses = finetune_image_tower(
+        clip_model, head, dataset, steps=steps, lr=lr, batch_size=batch_size, seed=seed, device=device, on_step=on_step
+    )
+    recipe = {"task": task, "classnames": labeled.classnames, "templates": templates, "steps": steps, "lr": lr,
+              "batch_size": batch_size, "seed": seed, "images": len(dataset), "first_loss": losses[0], "last_loss": losses[-1]}
+    write_open_clip_dir(out, architecture, {**base_state, **tower}, extra={"finetune": recipe})
+    return FinetuneResult(out=out, classnames=labeled.classnames, templates=templates, losses=losses, images=len(dataset))
+
+
+def load_base(source: str | None, workspace: Path | str, trust_pickle: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(architecture, full CLIP state dict) of `--base SOURCE` (anything `rankone fetch` reads),
+    or of the workspace's base when no source is given."""
+    from rankone.sources import check_base, load_source
+    from rankone.workspace import Workspace
+
+    if source is None:
+        space = Workspace(workspace)
+        return space.architecture, space.load_tensors("base.safetensors")
+    loaded = load_source(source, trust_pickle=trust_pickle)
+    if loaded.architecture is None:
+        raise RankoneError(f"--base {source}: a weights file carries no architecture; give a model directory")
+    return loaded.architecture, check_base(loaded)

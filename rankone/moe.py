@@ -1,0 +1,314 @@
+"""The RankOne-MoE MLP: pretrained MLP + routed rank-one experts, and its injection into open_clip.
+
+SPEC ("Router", "MLP forward with experts"): one router per block, shared by c_fc and
+c_proj: α = mean over tokens of Linear(d → T·k)(x), weight N(0, 0.01²), bias λ, no
+softmax. Top-p keeps m = round(p·T·k) experts softly: α' = α ⊙ sigmoid(100·(α − thr)),
+thr the m-th largest α of the sample. Experts run on the low-rank path
+((x·V̂) ⊙ α')·Uᵀ, so no per-sample weight matrix is ever built.
+
+Note on initialisation (tested in tests/test_moe.py): with every α equal to λ, thr = λ and
+sigmoid(0) = ½, so the gated model starts at θ0 + (λ/2)·Σ rank-k(τ), not at task
+arithmetic; with the router's N(0, 0.01²) weights the α differ per token and the gate
+zeroes about a quarter of the experts at random. Only with the gate off (`select=None`)
+and a zero router weight is the routed model exactly θ0 + λ·Σ rank-k(τ) on the MLPs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from rankone.errors import RankoneError
+from rankone.pool import pool_keys
+
+ROUTING_MODES = ("per-sample", "per-batch")
+GATE_SHARPNESS = 100.0
+ROUTER_INIT_STD = 0.01
+
+
+def selected_count(select: float, experts: int) -> int:
+    """m = round(p·T·k), halves rounded up, at least one expert."""
+    return max(1, min(experts, int(math.floor(select * experts + 0.5))))
+
+
+def top_p_gate(alpha: torch.Tensor, select: float | None) -> torch.Tensor:
+    """α' = α ⊙ sigmoid(100·(α − thr)) per row; `select=None` turns the gate off (α' = α)."""
+    if select is None:
+        return alpha
+    count = selected_count(select, alpha.shape[-1])
+    threshold = torch.topk(alpha, count, dim=-1).values[..., -1:]
+    return alpha * torch.sigmoid(GATE_SHARPNESS * (alpha - threshold))
+
+
+def check_select(select: float | None) -> None:
+    if select is not None and not 0.0 < select <= 1.0:
+        raise RankoneError(f"--select {select}: must be in (0, 1] (or off)")
+
+
+def check_routing(routing: str) -> None:
+    if routing not in ROUTING_MODES:
+        raise RankoneError(f"--routing {routing!r}: expected one of {', '.join(ROUTING_MODES)}")
+
+
+class RankOneMLP(nn.Module):
+    """Drop-in for an open_clip block's `mlp`: same input and output, experts routed per sample.
+
+    `c_fc`/`c_proj` hold the pretrained weights and the static biases; `pool_*` hold U_cat
+    and V̂_cat (frozen); `router` is the only trainable part.
+    """
+
+    def __init__(
+        self,
+        c_fc: nn.Linear,
+        act: nn.Module,
+        c_proj: nn.Linear,
+        fc_u: torch.Tensor,
+        fc_v: torch.Tensor,
+        proj_u: torch.Tensor,
+        proj_v: torch.Tensor,
+        *,
+        lam: float,
+        select: float | None,
+        routing: str,
+        batch_first: bool,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        check_select(select)
+        check_routing(routing)
+        experts = fc_u.shape[1]
+        if not fc_v.shape[1] == proj_u.shape[1] == proj_v.shape[1] == experts:
+            raise RankoneError("pool: c_fc and c_proj hold different numbers of experts")
+        self.c_fc, self.gelu, self.c_proj = c_fc, act, c_proj
+        frozen = dict(requires_grad=False)
+        self.fc_u = nn.Parameter(fc_u.detach().clone(), **frozen)
+        self.fc_v = nn.Parameter(fc_v.detach().clone(), **frozen)
+        self.proj_u = nn.Parameter(proj_u.detach().clone(), **frozen)
+        self.proj_v = nn.Parameter(proj_v.detach().clone(), **frozen)
+        self.router = nn.Linear(c_fc.in_features, experts, device=fc_u.device, dtype=c_fc.weight.dtype)
+        with torch.no_grad():
+            self.router.weight.normal_(0.0, ROUTER_INIT_STD, generator=generator)
+            self.router.bias.fill_(lam)
+        self.select = select
+        self.routing = routing
+        self.batch_first = batch_first
+
+    @property
+    def token_dim(self) -> int:
+        return 1 if self.batch_first else 0
+
+    def expert_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """α' per sample (batch × T·k), after routing mode and top-p."""
+        # The router is affine, so mean-then-route equals route-then-mean and costs one row per sample, not per token.
+        alpha = self.router(x.mean(dim=self.token_dim))
+        if self.routing == "per-batch":
+            alpha = alpha.mean(dim=0, keepdim=True).expand_as(alpha)
+        return top_p_gate(alpha, self.select)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused path (`fused_expert_linear`); the plain path where it does not apply."""
+        fused = self._fused_weights()
+        if fused is None:
+            return self.plain_forward(x)
+        gate = self.expert_weights(x).unsqueeze(self.token_dim)
+        hidden = self.gelu(fused_expert_linear(x, fused[0], fused[1], self.fc_u, gate))
+        return fused_expert_linear(hidden, fused[2], fused[3], self.proj_u, gate)
+
+    def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """SPEC's formula written out, the reference the fused path is tested against."""
+        gate = self.expert_weights(x).unsqueeze(self.token_dim)
+        hidden = self.gelu(self.c_fc(x) + ((x @ self.fc_v) * gate) @ self.fc_u.T)
+        return self.c_proj(hidden) + ((hidden @ self.proj_v) * gate) @ self.proj_u.T
+
+    def _fused_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """[W_fc0; V̂_fcᵀ], [b_fc; 0], [W_proj0; V̂_projᵀ], [b_proj; 0], built once and reused.
+
+        W0 and b stay in their Linear under their own names but are re-pointed into the
+        first rows of the fused buffers, so the fusion costs only one extra copy of V̂.
+        The buffers are rebuilt when a Linear was moved or replaced (`.to`, deepcopy) or V̂
+        changed in place; the plain path runs when W0 or V̂ would need gradients.
+        """
+        linears, pools = (self.c_fc, self.c_proj), (self.fc_v, self.proj_v)
+        if any(tensor.requires_grad for linear in linears for tensor in (linear.weight, linear.bias)) or any(v.requires_grad for v in pools):
+            return None
+        try:
+            key = tuple((v.data_ptr(), v._version, v.device, v.dtype) for v in pools)
+        except RuntimeError:  # inference tensors carry no version counter: nothing to validate a cache with
+            return None
+        cached = getattr(self, "_fused_cache", None)
+        if cached is not None and cached[0] == key and all(
+            linear.weight.data_ptr() == weight.data_ptr() and linear.bias.data_ptr() == bias.data_ptr()
+            for linear, weight, bias in zip(linears, cached[1][0::2], cached[1][1::2])
+        ):
+            return cached[1]
+        fused: list[torch.Tensor] = []
+        with torch.inference_mode(False), torch.no_grad():
+            for linear, pool_v in zip(linears, pools):
+                weight, bias = fuse_base_and_pool(linear.weight, linear.bias, pool_v)
+                linear.weight.data = weight[: linear.out_features]
+                linear.bias.data = bias[: linear.out_features]
+                fused += [weight, bias]
+        self._fused_cache = (key, tuple(fused))
+        return self._fused_cache[1]
+
+
+def fuse_base_and_pool(weight: torch.Tensor, bias: torch.Tensor, pool_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[W0; V̂ᵀ] ((out + T·k) × in) and [b; 0]: one GEMM reads x once for the base and the expert projections."""
+    fused_weight = torch.cat([weight.detach(), pool_v.detach().T.to(weight.dtype)]).contiguous()
+    fused_bias = torch.cat([bias.detach(), bias.new_zeros(pool_v.shape[1])])
+    return fused_weight, fused_bias
+
+
+def fused_expert_linear(
+    x: torch.Tensor, fused_weight: torch.Tensor, fused_bias: torch.Tensor, pool_u: torch.Tensor, gate: torch.Tensor
+) -> torch.Tensor:
+    """x·W0ᵀ + b + ((x·V̂) ⊙ gate)·Uᵀ with the first two GEMMs as one and the last one accumulating in place.
+
+    `gate` broadcasts against x's shape with width T·k (a size-1 token dimension). Without
+    autograd the expert product is added into the GEMM output's own rows (`addmm_`); with
+    autograd that in-place write would invalidate the saved projection, so it adds out of place.
+    """
+    out_features = pool_u.shape[0]
+    flat = torch.nn.functional.linear(x, fused_weight, fused_bias)
+    base, projected = flat[..., :out_features], flat[..., out_features:]
+    gated = (projected * gate).reshape(-1, pool_u.shape[1])
+    if torch.is_grad_enabled() and (gated.requires_grad or base.requires_grad):
+        return torch.addmm(base.reshape(-1, out_features), gated, pool_u.T).view(*x.shape[:-1], out_features)
+    rows = flat.view(-1, flat.shape[-1])[:, :out_features]
+    return rows.addmm_(gated, pool_u.T).view(*x.shape[:-1], out_features)
+
+
+def build_visual(architecture: dict[str, Any]) -> nn.Module:
+    """open_clip's image tower alone (no text tower) for an architecture dict."""
+    from open_clip.model import _build_vision_tower
+
+    try:
+        return _build_vision_tower(architecture["embed_dim"], copy.deepcopy(architecture["vision_cfg"]), architecture.get("quick_gelu", False)).eval()
+    except (TypeError, KeyError) as error:
+        raise RankoneError(f"architecture not understood by open_clip: {error}") from None
+
+
+def load_visual(architecture: dict[str, Any], visual: dict[str, torch.Tensor]) -> nn.Module:
+    """The image tower with `visual.*` tensors loaded strictly."""
+    tower = build_visual(architecture)
+    state = {key.removeprefix("visual."): value for key, value in visual.items() if key.startswith("visual.")}
+    expected = tower.state_dict()
+    missing = [key for key in expected if key not in state]
+    if missing:
+        raise RankoneError(f"state dict lacks tensor visual.{missing[0]} (and {len(missing) - 1} more)")
+    for key, value in state.items():
+        if key not in expected:
+            raise RankoneError(f"state dict has unexpected tensor visual.{key}")
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise RankoneError(f"tensor visual.{key}: shape {tuple(value.shape)} does not fit the architecture's {tuple(expected[key].shape)}")
+    tower.load_state_dict(state, strict=True, assign=expected[next(iter(expected))].is_meta)
+    return tower
+
+
+def routed_model(
+    architecture: dict[str, Any],
+    base_state: dict[str, torch.Tensor],
+    pool: dict[str, torch.Tensor],
+    lam: float,
+    select: float | None = 0.75,
+    routing: str = "per-sample",
+    tasks: list[str] | None = None,
+    *,
+    seed: int = 0,
+) -> nn.Module:
+    """open_clip's image tower (images → embeddings) with every block's MLP replaced by RankOneMLP.
+
+    `base_state` is the static part (`pool.static_part`: θ0 + λΣτ everywhere except the MLP
+    weight matrices, which are θ0); `pool` holds `pool_u`/`pool_v` per MLP weight. Router
+    weights are drawn from their own generator seeded with `seed`, block by block.
+    """
+    check_select(select)
+    check_routing(routing)
+    tower = load_visual(architecture, base_state)
+    transformer = tower.transformer
+    batch_first = getattr(transformer, "batch_first", True)
+    experts = None
+    generator = None if base_state[next(iter(base_state))].is_meta else torch.Generator().manual_seed(seed)
+    for index, block in enumerate(transformer.resblocks):
+        prefix = f"visual.transformer.resblocks.{index}.mlp"
+        names = [*pool_keys(f"{prefix}.c_fc.weight"), *pool_keys(f"{prefix}.c_proj.weight")]
+        missing = [name for name in names if name not in pool]
+        if missing:
+            raise RankoneError(f"pool lacks tensor {missing[0]}; rerun `rankone build-pool`")
+        fc_u, fc_v, proj_u, proj_v = (pool[name] for name in names)
+        mlp = block.mlp
+        rows = (mlp.c_fc.out_features, mlp.c_fc.in_features, mlp.c_proj.out_features, mlp.c_proj.in_features)
+        for name, tensor, row_count in zip(names, (fc_u, fc_v, proj_u, proj_v), rows):
+            if tensor.dim() != 2 or tensor.shape[0] != row_count or tensor.shape[1] != fc_u.shape[1]:
+                raise RankoneError(f"pool tensor {name}: shape {tuple(tensor.shape)} does not fit the architecture")
+        if experts is not None and fc_u.shape[1] != experts:
+            raise RankoneError(f"pool tensor {names[0]}: {fc_u.shape[1]} experts, earlier blocks have {experts}")
+        experts = fc_u.shape[1]
+        if tasks is not None and experts % len(tasks):
+            raise RankoneError(f"pool: {experts} experts per block is not a multiple of {len(tasks)} tasks")
+        dtype = mlp.c_fc.weight.dtype
+        block.mlp = RankOneMLP(
+            mlp.c_fc, mlp.gelu, mlp.c_proj,
+            fc_u.to(dtype), fc_v.to(dtype), proj_u.to(dtype), proj_v.to(dtype),
+            lam=lam, select=select, routing=routing, batch_first=batch_first, generator=generator,
+        )
+    for parameter in tower.parameters():
+        parameter.requires_grad_(False)
+    for parameter in router_parameters(tower):
+        parameter.requires_grad_(True)
+    tower.rankone_config = {
+        "lambda": lam, "select": select, "routing": routing, "tasks": list(tasks) if tasks else None,
+        "experts_per_block": experts, "k": experts // len(tasks) if tasks else None,
+    }
+    return tower.eval()
+
+
+def rankone_mlps(model: nn.Module) -> list[RankOneMLP]:
+    return [module for module in model.modules() if isinstance(module, RankOneMLP)]
+
+
+def router_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The routers' weights and biases, block by block: the only parameters adaptation trains."""
+    return [parameter for mlp in rankone_mlps(model) for parameter in mlp.router.parameters()]
+
+
+def router_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Router tensors under their state-dict names (`transformer.resblocks.N.mlp.router.*`)."""
+    return {name: tensor for name, tensor in model.state_dict().items() if ".mlp.router." in name}
+
+
+def load_router_state(model: nn.Module, routers: dict[str, torch.Tensor], source: str) -> None:
+    expected = router_state(model)
+    for name, tensor in expected.items():
+        if name not in routers:
+            raise RankoneError(f"{source}: lacks router tensor {name}")
+        if routers[name].shape != tensor.shape:
+            raise RankoneError(f"{source}: router tensor {name} has shape {tuple(routers[name].shape)}, the pool needs {tuple(tensor.shape)}")
+    model.load_state_dict({name: routers[name] for name in expected}, strict=False)
+
+
+def set_routing(model: nn.Module, select: float | None, routing: str) -> None:
+    """Change top-p and routing mode of a built model (they hold no weights)."""
+    check_select(select)
+    check_routing(routing)
+    for mlp in rankone_mlps(model):
+        mlp.select, mlp.routing = select, routing
+    if hasattr(model, "rankone_config"):
+        model.rankone_config.update(select=select, routing=routing)
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Tensors the routed tower needs at inference, by part, counted from the module itself."""
+    pool = routers = total = 0
+    for name, parameter in model.named_parameters():
+        total += parameter.numel()
+        if ".mlp.router." in name:
+            routers += parameter.numel()
+        elif name.rsplit(".", 1)[-1] in ("fc_u", "fc_v", "proj_u", "proj_v"):
+            pool += parameter.numel()
+    return {"tower": total - pool - routers, "pool": pool, "routers": routers, "total": total}
+

@@ -1,0 +1,234 @@
+"""The rank-one pool: top-k SVD triplets of every MLP weight task vector, and the static part.
+
+SPEC ("Rank-one pool"): for every block and each of `mlp.c_fc.weight` and
+`mlp.c_proj.weight`, for every task t, τ = U S Vᵀ; keep the top k triplets as u_j and
+v̂_j = s_j·v_j. Columns are concatenated task-major: column t·k + j belongs to task t.
+Everything else (attention, norms, embeddings, both MLP biases) is the static merge
+θ0 + λ·Στ.
+
+`pool.safetensors` holds the pool (`<matrix key minus .weight>.pool_u` / `.pool_v`) and the
+static part (`static.<visual key>`), so the routed model needs only the pretrained MLP
+weights from the base besides this file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rankone.errors import RankoneError
+from rankone.workspace import Workspace, read_tensors_metadata
+
+POOL_FILE = "pool.safetensors"
+STATIC_PREFIX = "static."
+MLP_WEIGHT = re.compile(r"^visual\.transformer\.resblocks\.(\d+)\.mlp\.(c_fc|c_proj)\.weight$")
+SVD_METHODS = ("exact", "randomized")
+
+
+def mlp_weight_keys(state: dict[str, torch.Tensor]) -> list[str]:
+    """The MLP weight matrices that go into the pool, in block order (c_fc before c_proj)."""
+    keys = [key for key in state if MLP_WEIGHT.match(key)]
+    return sorted(keys, key=lambda key: (int(MLP_WEIGHT.match(key).group(1)), MLP_WEIGHT.match(key).group(2) != "c_fc"))
+
+
+def pool_keys(matrix_key: str) -> tuple[str, str]:
+    """Names of U_cat and V̂_cat for an MLP weight key."""
+    stem = matrix_key.removesuffix(".weight")
+    return f"{stem}.pool_u", f"{stem}.pool_v"
+
+
+def randomized_svd(
+    matrix: torch.Tensor, rank: int, oversample: int = 10, power_iterations: int = 4, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Halko et al.'s range finder with re-orthonormalised power iterations.
+
+    Returns (U, S, V) with `rank` columns; U·diag(S)·Vᵀ is the projection of `matrix` onto
+    the found range, so Σ S² is exactly the energy that rank-`rank` factorisation keeps.
+    Seeded with its own generator, so the pool does not depend on global RNG state.
+    """
+    rows, cols = matrix.shape
+    width = min(rank + oversample, rows, cols)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    probe = torch.randn(cols, width, generator=generator, dtype=matrix.dtype).to(matrix.device)
+    basis, _ = torch.linalg.qr(matrix @ probe)
+    for _ in range(power_iterations):
+        # Re-orthonormalise between multiplications: otherwise small singular directions vanish in float32.
+        left, _ = torch.linalg.qr(matrix.T @ basis)
+        basis, _ = torch.linalg.qr(matrix @ left)
+    small_u, values, small_vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
+    return (basis @ small_u)[:, :rank], values[:rank], small_vh[:rank].T
+
+
+def build_pool(
+    task_vectors: list[dict[str, torch.Tensor]],
+    k: int,
+    svd: str = "exact",
+    *,
+    tasks: list[str] | None = None,
+    oversample: int = 10,
+    power_iterations: int = 4,
+    seed: int = 0,
+    progress=None,
+    device: torch.device | str = "cpu",
+) -> tuple[dict[str, torch.Tensor], dict[str, list[float]]]:
+    """(pool, kept energy) from the task vectors, one dict per task in task order.
+
+    pool: for each MLP weight key, `pool_u` (out × T·k) and `pool_v` (in × T·k), task-major.
+    kept energy: for each MLP weight key, per task, Σ_{j<k} s_j² / ‖τ‖_F².
+    `progress(key)`, if given, is called after each matrix (for a progress bar). The SVDs run
+    on `device`; the pool comes back on the CPU.
+    """
+    if svd not in SVD_METHODS:
+        raise RankoneError(f"--svd {svd!r}: expected one of {', '.join(SVD_METHODS)}")
+    if not task_vectors:
+        raise RankoneError("build-pool: no task vectors given")
+    if k < 1:
+        raise RankoneError(f"--k {k}: must be at least 1")
+    names = list(tasks) if tasks is not None else [f"task {index}" for index in range(len(task_vectors))]
+    keys = mlp_weight_keys(task_vectors[0])
+    if not keys:
+        raise RankoneError("task vectors hold no visual.transformer.resblocks.*.mlp weights")
+    for name, vector in zip(names, task_vectors):
+        missing = [key for key in keys if key not in vector]
+        if missing:
+            raise RankoneError(f"task vector of {name}: lacks tensor {missing[0]}")
+        if all(not bool(tensor.any()) for tensor in vector.values()):
+            raise RankoneError(f"task vector of {name}: all zeros (the expert equals the pretrained model)")
+    pool: dict[str, torch.Tensor] = {}
+    kept: dict[str, list[float]] = {}
+    for key in keys:
+        out_dim, in_dim = task_vectors[0][key].shape
+        if k > min(out_dim, in_dim):
+            raise RankoneError(f"--k {k}: larger than the rank limit {min(out_dim, in_dim)} of {key} ({out_dim}×{in_dim})")
+        columns_u, columns_v, fractions = [], [], []
+        for index, vector in enumerate(task_vectors):
+            tau = vector[key].to(device, torch.float32)
+            if svd == "exact":
+                u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+                u, s, v = u[:, :k], s[:k], vh[:k].T
+            else:
+                u, s, v = randomized_svd(tau, k, oversample, power_iterations, seed=seed + index)
+            total = float(tau.double().pow(2).sum())
+            fractions.append(float(s.double().pow(2).sum()) / total if total > 0 else 0.0)
+            columns_u.append(u)
+            columns_v.append(v * s)
+        name_u, name_v = pool_keys(key)
+        pool[name_u] = torch.cat(columns_u, dim=1).cpu().contiguous()
+        pool[name_v] = torch.cat(columns_v, dim=1).cpu().contiguous()
+        kept[key] = fractions
+        if progress is not None:
+            progress(key)
+    return pool, kept
+
+
+def static_part(
+    base_visual: dict[str, torch.Tensor], task_vectors: list[dict[str, torch.Tensor]], lam: float
+) -> dict[str, torch.Tensor]:
+    """θ0 + λ·Στ for every image-tower tensor except the MLP weight matrices, which stay θ0.
+
+    The MLP weights stay pretrained because the experts add their low-rank τ on top at run
+    time (SPEC "MLP forward with experts"); the MLP biases are merged like everything else.
+    """
+    static: dict[str, torch.Tensor] = {}
+    for key, tensor in base_visual.items():
+        if not key.startswith("visual."):
+            continue
+        if MLP_WEIGHT.match(key):
+            static[key] = tensor.clone()
+            continue
+        merged = tensor.float().clone()
+        for vector in task_vectors:
+            if key not in vector:
+                raise RankoneError(f"task vector lacks tensor {key}")
+            merged += lam * vector[key].float()
+        static[key] = merged.to(tensor.dtype)
+    return static
+
+
+@dataclass
+class StoredPool:
+    """What `pool.safetensors` holds, split into its parts."""
+
+    static: dict[str, torch.Tensor]
+    pool: dict[str, torch.Tensor]
+    k: int
+    lam: float
+    tasks: list[str]
+    metadata: dict[str, Any]
+
+
+def pool_file_tensors(static: dict[str, torch.Tensor], pool: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Static part and pool in the single-file layout of `pool.safetensors`."""
+    tensors = {STATIC_PREFIX + key: tensor for key, tensor in static.items() if not MLP_WEIGHT.match(key)}
+    tensors.update(pool)
+    return tensors
+
+
+def read_pool(workspace: Workspace, base_visual: dict[str, torch.Tensor] | None = None) -> StoredPool:
+    """Load `pool.safetensors` (checked against the manifest) back into its parts.
+
+    The static part's MLP weights are the pretrained ones from `base_visual`, or from the
+    workspace base when not given.
+    """
+    tensors = workspace.load_tensors(POOL_FILE)
+    raw = read_tensors_metadata(workspace.path(POOL_FILE))
+    try:
+        metadata = json.loads(raw["rankone"])
+        k, lam, tasks = int(metadata["k"]), float(metadata["lambda"]), list(metadata["tasks"])
+    except (KeyError, ValueError, TypeError):
+        raise RankoneError(f"{workspace.path(POOL_FILE)}: metadata lacks k, lambda or tasks; rerun `rankone build-pool`") from None
+    if base_visual is None:
+        from rankone.models import visual_state
+
+        base_visual = visual_state(workspace.load_tensors("base.safetensors"))
+    static = {key[len(STATIC_PREFIX):]: value for key, value in tensors.items() if key.startswith(STATIC_PREFIX)}
+    for key in mlp_weight_keys(base_visual):
+        static[key] = base_visual[key]
+    pool = {key: value for key, value in tensors.items() if not key.startswith(STATIC_PREFIX)}
+    return StoredPool(static=static, pool=pool, k=k, lam=lam, tasks=tasks, metadata=metadata)
+
+
+@dataclass
+class PoolReport:
+    """What `rankone build-pool` wrote and measured."""
+
+    kept_energy: dict[str, dict[str, float]]  # matrix key → task → fraction of ‖τ‖_F² kept
+    tower_parameters: int  # the pretrained image tower, counted from its tensors
+    counts: dict[str, int]  # the routed model by part (`moe.parameter_counts`)
+
+
+def build_pool_stage(
+    workspace: Workspace, k: int, lam: float = 0.3, svd: str = "exact", progress=None, device: torch.device | str = "cpu"
+) -> PoolReport:
+    """Read task_vectors/, write pool.safetensors (pool + static part + metadata), count parameters.
+
+    `progress(key)` is called after each MLP weight matrix (2 per block).
+    """
+    from rankone.models import count_parameters, visual_state
+    from rankone.moe import parameter_counts, routed_model
+    from rankone.task_vectors import load_task_vectors, task_vector_path
+
+    tasks = workspace.tasks
+    if not tasks:
+        raise RankoneError(f"{workspace.manifest_path}: the workspace has no tasks; run `rankone fetch` with experts first")
+    hashes = {task: workspace.manifest()["files"].get(task_vector_path(task), {}).get("sha256") for task in tasks}
+    task_vectors = load_task_vectors(workspace, tasks)
+    base_visual = visual_state(workspace.load_tensors("base.safetensors"))
+    pool, kept = build_pool(task_vectors, k, svd, tasks=tasks, progress=progress, device=device)
+    static = static_part(base_visual, task_vectors, lam)
+    del task_vectors
+    model = routed_model(workspace.architecture, static, pool, lam, 0.75, "per-sample", tasks)
+    report = PoolReport(
+        kept_energy={key: dict(zip(tasks, fractions)) for key, fractions in kept.items()},
+        tower_parameters=count_parameters(base_visual),
+        counts=parameter_counts(model),
+    )
+    metadata = {"k": k, "lambda": lam, "tasks": tasks, "svd": svd, "task_vector_sha256": hashes,
+                "kept_energy": report.kept_energy, "parameters": report.counts}
+    with workspace.transaction() as staging:
+        staging.save_tensors(POOL_FILE, pool_file_tensors(static, pool), {"rankone": json.dumps(metadata)})
+    return report

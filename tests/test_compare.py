@@ -1,0 +1,88 @@
+"""`rankone compare`: the rows it finds, the files it writes, and nothing written on error."""
+
+from __future__ import annotations
+
+import json
+
+from rankone.compare import available_methods, tower_parameters
+from rankone.models import count_parameters, visual_state
+
+EXPECTED_ROWS = ["pretrained", "individual", "task-arithmetic", "adamerging", "wemoe", "rankone"]
+
+
+def snapshot(workspace) -> dict[str, bytes]:
+    """Every file of the workspace with its bytes (staging folders excluded)."""
+    return {str(path.relative_to(workspace.root)): path.read_bytes()
+            for path in sorted(workspace.root.rglob("*")) if path.is_file() and ".staging-" not in str(path)}
+
+
+def test_available_methods_follow_the_inputs(tiny_workspace, base_state):
+    assert available_methods(tiny_workspace) == ["pretrained", "individual"]
+    assert tower_parameters(tiny_workspace) == count_parameters(visual_state(base_state))
+
+
+def test_compare_writes_table_json_and_the_reports_eval_writes(every_stage_workspace, labeled_data, rankone_cli):
+    workspace = every_stage_workspace
+    code, out, err = rankone_cli("compare", "-w", workspace.root, "--data", labeled_data, "--device", "cpu")
+    assert code == 0, err
+    summary = json.loads(workspace.path("compare.json").read_text())
+    assert [row["method"] for row in summary["rows"]] == EXPECTED_ROWS
+    assert summary["tasks"] == ["alpha", "beta", "gamma"]
+    tower = summary["tower_parameters"]
+    rows = {row["method"]: row for row in summary["rows"]}
+    assert rows["pretrained"]["parameters"] == tower and rows["individual"]["parameters"] == 3 * tower
+    assert rows["wemoe"]["parameters"] > rows["rankone"]["parameters"] > tower
+
+    markdown = workspace.path("compare.md").read_text()
+    assert "| Method | alpha | beta | gamma | Avg. | Params |" in markdown
+    for row in summary["rows"]:
+        cells = " | ".join(f"{row['accuracy'][task]:.1f}" for task in summary["tasks"])
+        assert f"| {row['method']} | {cells} | {row['average']:.1f} | {row['parameters'] / tower:.2f}× |" in markdown
+    assert "| individual |" in markdown and "3.00× |" in markdown
+    for method in EXPECTED_ROWS:
+        assert method in out
+        report = json.loads(workspace.path(f"eval/{method}.json").read_text())
+        assert report["tasks"].keys() == {"alpha", "beta", "gamma"}
+        assert report["average"] == rows[method]["average"]
+        assert workspace.require(f"eval/{method}.json")  # recorded in the manifest
+
+    # `rankone eval` must write the very same bytes for every method compare ran.
+    written = {method: workspace.path(f"eval/{method}.json").read_bytes() for method in EXPECTED_ROWS}
+    for method in EXPECTED_ROWS:
+        code, _, err = rankone_cli("eval", "-w", workspace.root, "--method", method, "--data", labeled_data, "--device", "cpu")
+        assert code == 0, err
+        assert workspace.path(f"eval/{method}.json").read_bytes() == written[method], method
+
+
+def test_compare_subset_of_methods_and_tasks(every_stage_workspace, labeled_data, rankone_cli):
+    workspace = every_stage_workspace
+    code, out, err = rankone_cli("compare", "-w", workspace.root, "--data", labeled_data, "--device", "cpu",
+                                 "--methods", "rankone,pretrained", "--tasks", "beta", "alpha")
+    assert code == 0, err
+    summary = json.loads(workspace.path("compare.json").read_text())
+    assert [row["method"] for row in summary["rows"]] == ["pretrained", "rankone"]
+    assert summary["tasks"] == ["beta", "alpha"]
+    assert not workspace.path("eval/wemoe.json").exists()
+
+
+def test_errors_leave_the_workspace_unchanged(every_stage_workspace, labeled_data, rankone_cli):
+    workspace = every_stage_workspace
+    before = snapshot(workspace)
+    code, _, err = rankone_cli("compare", "-w", workspace.root, "--data", labeled_data, "--methods", "ties")
+    assert code == 2 and "--methods: 'ties' cannot run in this workspace" in err
+    code, _, err = rankone_cli("compare", "-w", workspace.root, "--data", labeled_data / "missing")
+    assert code == 2 and "missing" in err and len(err.strip().splitlines()) == 1
+    code, _, err = rankone_cli("compare", "-w", workspace.root, "--data", labeled_data, "--tasks", "delta")
+    assert code == 2 and "delta" in err
+    assert snapshot(workspace) == before
+
+    # A method failing late (its file changed after it was written) must not leave the earlier reports behind.
+    wemoe_file = workspace.path("adapted/wemoe.safetensors")
+    data = bytearray(wemoe_file.read_bytes())
+    data[-1] ^= 0xFF
+    wemoe_file.write_bytes(bytes(data))
+    before = snapshot(workspace)
+    code, _, err = rankone_cli("compare", "-w", workspace.root, "--data", labeled_data, "--device", "cpu")
+    assert code == 2 and "wemoe.safetensors: does not match the workspace manifest" in err
+    assert snapshot(workspace) == before
+    assert not workspace.path("compare.json").exists() and not workspace.path("eval").exists()

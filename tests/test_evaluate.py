@@ -1,0 +1,106 @@
+"""Evaluation against predictions computed independently, the report, the method table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TASKS
+from rankone.data import labeled_images
+from rankone.errors import RankoneError
+from rankone.evaluate import evaluate, evaluation_inputs, write_report
+from rankone.heads import head_for_task
+from rankone.merge import merge_workspace
+from rankone.methods import METHODS, LOADERS, MethodModel, load_method
+from rankone.models import count_parameters, load_clip, preprocess_for, visual_state
+from rankone.task_vectors import compute_task_vectors
+
+
+def hand_count(model, head, images, architecture) -> int:
+    """Correct predictions through open_clip's own encode_image, all images in one batch."""
+    transform = preprocess_for(architecture)
+    pixels = torch.stack([transform(Image.open(path).convert("RGB")) for path in images.paths])
+    with torch.no_grad():
+        embeddings = model.encode_image(pixels, normalize=True)
+    predictions = (embeddings @ head.T).argmax(dim=-1).tolist()
+    return sum(int(prediction == label) for prediction, label in zip(predictions, images.labels))
+
+
+def test_accuracy_against_hand_count(tiny_workspace, labeled_data, tiny_architecture, base_state, expert_states):
+    tasks = list(TASKS)
+    heads, datasets = evaluation_inputs(tiny_workspace, tasks, labeled_data)
+    for method, states in (("pretrained", {task: base_state for task in tasks}), ("individual", expert_states)):
+        report = evaluate(load_method(tiny_workspace, method), heads, datasets, batch_size=5, progress=False)
+        assert list(report) == ["method", "tasks", "average", "parameters"]
+        assert report["method"] == method
+        for task in tasks:
+            model = load_clip(tiny_architecture, {**base_state, **states[task]})
+            correct = hand_count(model, heads[task], datasets[task], tiny_architecture)
+            n = len(datasets[task].paths)
+            assert report["tasks"][task] == {"accuracy": pytest.approx(100.0 * correct / n), "n": n}
+            assert isinstance(report["tasks"][task]["accuracy"], float)
+        assert report["average"] == pytest.approx(sum(report["tasks"][t]["accuracy"] for t in tasks) / len(tasks))
+    tower = count_parameters(visual_state(base_state))
+    assert load_method(tiny_workspace, "pretrained").parameters == tower
+    assert load_method(tiny_workspace, "individual").parameters == len(tasks) * tower
+
+
+def test_class_mean_head(tiny_workspace, labeled_data, tiny_architecture, base_state):
+    """A head that is not a text head: each class's mean image embedding."""
+    images = labeled_images(labeled_data, "alpha")
+    model = load_clip(tiny_architecture, base_state)
+    transform = preprocess_for(tiny_architecture)
+    pixels = torch.stack([transform(Image.open(path).convert("RGB")) for path in images.paths])
+    with torch.no_grad():
+        embeddings = model.encode_image(pixels, normalize=True)
+    labels = torch.tensor(images.labels)
+    head = torch.stack([embeddings[labels == c].mean(0) for c in range(len(images.classnames))])
+    head = head / head.norm(dim=-1, keepdim=True)
+    expected = hand_count(model, head, images, tiny_architecture)
+    report = evaluate(load_method(tiny_workspace, "pretrained"), {"alpha": head}, {"alpha": images}, batch_size=3, progress=False)
+    assert report["tasks"]["alpha"]["accuracy"] == pytest.approx(100.0 * expected / len(images.paths))
+
+
+def test_report_written_through_workspace(tiny_workspace, labeled_data):
+    heads, datasets = evaluation_inputs(tiny_workspace, ["gamma"], labeled_data)
+    report = evaluate(load_method(tiny_workspace, "pretrained"), heads, datasets, progress=False)
+    relpath = write_report(tiny_workspace, report)
+    assert relpath == "eval/pretrained.json"
+    assert tiny_workspace.read_json(relpath) == json.loads(json.dumps(report))
+
+
+def test_static_merge_method(tiny_workspace, labeled_data):
+    with pytest.raises(RankoneError, match=r"merged/ties.safetensors: missing; run `rankone merge --method ties` first"):
+        load_method(tiny_workspace, "ties")
+    compute_task_vectors(tiny_workspace)
+    merge_workspace(tiny_workspace, "ties")
+    method_model = load_method(tiny_workspace, "ties")
+    assert method_model.name == "ties"
+    merged = tiny_workspace.load_tensors("merged/ties.safetensors")
+    encoder = method_model.encoder_for_task("alpha")
+    assert torch.equal(encoder.state_dict()["proj"], merged["visual.proj"])
+    assert method_model.parameters == count_parameters(merged)
+
+
+def test_method_table():
+    assert {"pretrained", "individual", "weight-averaging", "task-arithmetic", "ties", "dare"} <= set(METHODS)
+    assert set(METHODS) == set(LOADERS)
+
+
+def test_errors(tiny_workspace, labeled_data):
+    with pytest.raises(RankoneError, match=r"--method 'magic': unknown; choose from pretrained, individual"):
+        load_method(tiny_workspace, "magic")
+    with pytest.raises(RankoneError, match="unknown task 'delta'; the workspace has alpha, beta, gamma"):
+        evaluation_inputs(tiny_workspace, ["delta"], labeled_data)
+    with pytest.raises(RankoneError, match="--heads-source 'web'"):
+        evaluation_inputs(tiny_workspace, ["alpha"], labeled_data, heads_source="web")
+    images = labeled_images(labeled_data, "beta")
+    head = head_for_task(tiny_workspace, "beta", ["only", "two"])
+    with pytest.raises(RankoneError, match="task 'beta'.*2 classes, the data has 3"):
+        evaluate(load_method(tiny_workspace, "pretrained"), {"beta": head}, {"beta": images}, progress=False)
+    model = MethodModel(encoder_for_task=lambda task: None, parameters=0, name="bare")
+    with pytest.raises(RankoneError, match="preprocessing"):
+        evaluate(model, {"beta": head}, {"beta": images}, progress=False)

@@ -1,0 +1,155 @@
+"""The built-in example suite: deterministic data, disjoint splits, a cached zoo, the demo."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rankone.data import labeled_images, unlabeled_images
+from rankone.examples import suite, zoo
+from rankone.sources import load_source
+
+SMALL = {"pretrain": 12, "finetune": 12, "test": 12, "unlabeled": 6}
+
+
+def read_open_clip_dir(path):
+    loaded = load_source(str(path))
+    return loaded.architecture, loaded.state_dict
+
+
+def _digests(split: suite.Split) -> set[str]:
+    return {hashlib.sha256(image.tobytes()).hexdigest() for image in split.images}
+
+
+def test_at_least_five_tasks_with_different_label_spaces():
+    assert len(suite.TASKS) >= 5
+    label_spaces = [set(task.classnames) for task in suite.TASKS.values()]
+    assert all(not (a & b) for a, b in itertools.combinations(label_spaces, 2))
+    assert zoo.FULL_RECIPE["tasks"] == list(suite.TASKS)
+
+
+def test_same_seed_same_bytes_other_seed_other_images():
+    first = suite.generate_task("letters", SMALL, seed=3)
+    again = suite.generate_task("letters", SMALL, seed=3)
+    other = suite.generate_task("letters", SMALL, seed=4)
+    for split in suite.SPLITS:
+        assert [suite.png_bytes(image) for image in first[split].images] == [suite.png_bytes(image) for image in again[split].images]
+        assert np.array_equal(first[split].labels, again[split].labels)
+        assert not np.array_equal(first[split].images, other[split].images)
+
+
+@pytest.mark.parametrize("task", list(suite.TASKS))
+def test_splits_are_disjoint_and_images_are_32px_rgb(task):
+    splits = suite.generate_task(task, SMALL, seed=0)
+    for split in splits.values():
+        assert split.images.shape == (SMALL[split.split], 32, 32, 3) and split.images.dtype == np.uint8
+        assert len(_digests(split)) == len(split.images)
+        assert split.labels.min() >= 0 and split.labels.max() < len(suite.TASKS[task].classnames)
+    for a, b in itertools.combinations(suite.SPLITS, 2):
+        assert not (_digests(splits[a]) & _digests(splits[b])), f"{task}: an image is in both {a} and {b}"
+
+
+def test_digit_source_images_are_partitioned():
+    partition = suite._digit_partition(0, zoo.FULL_RECIPE["sizes"])
+    indices = np.concatenate(list(partition.values()))
+    assert len(indices) == len(set(indices.tolist())) == sum(zoo.FULL_RECIPE["sizes"].values())
+
+
+def test_full_size_test_splits_have_300_images_and_every_class():
+    assert zoo.FULL_RECIPE["sizes"]["test"] >= 300
+    for task, spec in suite.TASKS.items():
+        test = suite.generate_task(task, {"test": zoo.FULL_RECIPE["sizes"]["test"]}, seed=0)["test"]
+        assert len(test.images) >= 300
+        assert set(test.labels.tolist()) == set(range(len(spec.classnames)))
+
+
+def test_written_folders_read_back_with_the_cli_data_loader(tmp_path):
+    data = suite.generate_suite(SMALL, seed=0, tasks=["digits", "photos"])
+    root = suite.write_split_folders(data, tmp_path / "data")
+    for task in ("digits", "photos"):
+        test = labeled_images(root / "test", task)
+        assert len(test.paths) == SMALL["test"]
+        assert set(test.classnames) <= set(suite.TASKS[task].classnames)
+        # The label a folder gives back names the class the generator drew.
+        expected = sorted((suite.TASKS[task].classnames[label], n) for n, label in enumerate(data[task]["test"].labels))
+        got = sorted((test.classnames[label], int(path.stem)) for path, label in zip(test.paths, test.labels))
+        assert got == expected
+        assert len(unlabeled_images(root / "unlabeled", task)) == SMALL["unlabeled"]
+        assert not (root / "pretrain").exists()
+
+
+def test_zoo_is_built_once_and_cached_by_recipe(tmp_path):
+    torch.manual_seed(0)
+    tiny = zoo.recipe(
+        quick=True,
+        tasks=["digits", "textures"],
+        held_out=["textures"],
+        sizes={"pretrain": 16, "finetune": 8, "test": 4, "unlabeled": 4},
+        pretrain={"steps": 2, "batch_size": 8, "lr": 1e-3},
+        finetune={"steps": 2, "lr": 1e-4, "batch_size": 4},
+    )
+    built = zoo.build_zoo(tiny, cache=tmp_path)
+    assert built.root.parent == tmp_path / "examples"
+    architecture, base = read_open_clip_dir(built.base)
+    assert architecture["vision_cfg"] == tiny["architecture"]["vision_cfg"]
+    for task in tiny["tasks"]:
+        _, expert = read_open_clip_dir(built.expert(task))
+        assert any(not torch.equal(expert[key], base[key]) for key in expert if key.startswith("visual."))
+        assert len(labeled_images(built.data("test"), task).paths) == 4
+    stamp = (built.root / zoo.REPORT_FILE).stat().st_mtime_ns
+    again = zoo.build_zoo(tiny, cache=tmp_path)
+    assert again.root == built.root and (again.root / zoo.REPORT_FILE).stat().st_mtime_ns == stamp
+    assert json.loads((built.root / zoo.RECIPE_FILE).read_text()) == tiny
+    other = zoo.build_zoo({**tiny, "seed": 1}, cache=tmp_path)
+    assert other.root != built.root
+    assert not [path for path in (tmp_path / "examples").iterdir() if path.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_demo_quick_runs_every_stage_through_the_cli(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from rankone.cli import app
+
+    monkeypatch.setenv("RANKONE_CACHE", str(tmp_path / "cache"))
+    work = tmp_path / "demo-work"
+    result = CliRunner().invoke(app, ["demo", "--quick", "-w", str(work), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    for stage in ("fetch", "task-vectors", "merge", "build-pool", "adapt", "eval", "compare"):
+        assert f"$ rankone {stage} " in result.output
+    summary = json.loads((work / "compare.json").read_text())
+    methods = [row["method"] for row in summary["rows"]]
+    assert methods == ["pretrained", "individual", "weight-averaging", "task-arithmetic", "ties", "dare", "adamerging", "wemoe", "rankone"]
+    assert summary["tasks"] == zoo.QUICK_RECIPE["tasks"]
+    demo = json.loads((work / "demo.json").read_text())
+    assert demo["lambda"] in (0.1, 0.3)
+    assert set(demo["perfect_router"]["tasks"]) == set(summary["tasks"])
+    # The summary lines agree with the reports the stages wrote.
+    rankone_row = next(row for row in summary["rows"] if row["method"] == "rankone")
+    assert f"RankOne-MoE over seeds [0]: {rankone_row['average']:.1f}" in result.output.replace("\n", " ")
+    # A second run reuses the cached zoo and replaces its own earlier workspace.
+    again = CliRunner().invoke(app, ["demo", "--quick", "-w", str(work), "--device", "cpu"])
+    assert again.exit_code == 0, again.output
+    assert len(list((tmp_path / "cache" / "examples").iterdir())) == 1
+
+
+def test_demo_refuses_a_foreign_workspace(tiny_workspace, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from rankone.cli import app
+    from rankone.errors import RankoneError
+
+    monkeypatch.setenv("RANKONE_CACHE", str(tmp_path / "cache"))
+    built = zoo.build_zoo(zoo.recipe(quick=True, tasks=["digits"], held_out=[], sizes={"pretrain": 8, "finetune": 4, "test": 4, "unlabeled": 4},
+                                     pretrain={"steps": 1, "batch_size": 4, "lr": 1e-3}, finetune={"steps": 1, "lr": 1e-4, "batch_size": 2}))
+    from rankone.examples.demo import QUICK_SETTINGS, run_demo
+
+    before = (tiny_workspace.root / "manifest.json").read_bytes()
+    with pytest.raises(RankoneError, match="not made by `rankone demo`"):
+        run_demo(built, tiny_workspace.root, QUICK_SETTINGS, device="cpu", say=lambda line: None)
+    assert (tiny_workspace.root / "manifest.json").read_bytes() == before
