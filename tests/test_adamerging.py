@@ -104,3 +104,15 @@ def test_bad_inputs_are_errors_and_workspace_unchanged(tiny_workspace, unlabeled
     with pytest.raises(RankoneError, match="--data .*nowhere: not a folder"):
         adapt_adamerging(tiny_workspace, AdaptOptions(data=unlabeled_data / "nowhere", steps=1, classnames_from=labeled_data, progress=False))
     assert tiny_workspace.manifest_path.read_text() == manifest
+
+
+def test_cli_adapt_defaults_to_adamergings_learning_rate(tiny_workspace, unlabeled_data, labeled_data, rankone_cli):
+    from rankone.workspace import read_tensors_metadata
+
+    compute_task_vectors(tiny_workspace)
+    code, out, err = rankone_cli("adapt", "-w", tiny_workspace.root, "--method", "adamerging", "--data", unlabeled_data,
+                                 "--classnames-from", labeled_data, "--steps", "1", "--batch-size", "2", "--device", "cpu")
+    assert code == 0, err
+    assert "adamerging.safetensors" in out
+    metadata = json.loads(read_tensors_metadata(tiny_workspace.path(ADAPTED_COEFFICIENTS))["rankone"])
+    assert metadata["lr"] == 1e-3 and metadata["steps"] == 1

@@ -132,9 +132,6 @@ def test_demo_quick_runs_every_stage_through_the_cli(tmp_path, monkeypatch):
     # The summary lines agree with the reports the stages wrote.
     rankone_row = next(row for row in summary["rows"] if row["method"] == "rankone")
     assert f"RankOne-MoE over seeds [0]: {rankone_row['average']:.1f}" in result.output.replace("\n", " ")
-    # A second run reuses the cached zoo and replaces its own earlier workspace.
-    again = CliRunner().invoke(app, ["demo", "--quick", "-w", str(work), "--device", "cpu"])
-    assert again.exit_code == 0, again.output
     assert len(list((tmp_path / "cache" / "examples").iterdir())) == 1
 
 
