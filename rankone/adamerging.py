@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from rankone.errors import RankoneError
-from rankone.models import VISUAL_PREFIX, visual_state
+from rankone.models import VISUAL_PREFIX, load_visual, visual_state
 from rankone.workspace import Workspace, read_tensors_metadata
 
 ADAPTED_COEFFICIENTS = "adapted/adamerging.safetensors"
@@ -107,8 +107,6 @@ class AdaMergingModel(nn.Module):
         consume: bool = False,
     ) -> None:
         super().__init__()
-        from rankone.moe import load_visual
-
         base_visual = visual_state(base_visual)
         # The tower holds θ0; functional_call swaps in the merged tensors for each forward.
         self.tower = load_visual(architecture, base_visual)

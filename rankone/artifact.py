@@ -21,13 +21,13 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
 from rankone.errors import RankoneError
+from rankone.models import DTYPES, dtype_support, resolve_dtype
 from rankone.workspace import Workspace, load_tensors, read_tensors_metadata, save_tensors_atomic, sha256_file
 
 CONFIG_FILE = "rankone.json"
 WEIGHTS_FILE = "model.safetensors"
 ARTIFACT_FORMAT = 1
 HEAD_PREFIX = "heads."
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class RankOneClassifier(nn.Module):
@@ -56,8 +56,10 @@ class RankOneClassifier(nn.Module):
         return preprocess_for(self.config["architecture"])
 
     def encode_image(self, images: Tensor) -> Tensor:
+        """Embeddings in the model's dtype (`classify` takes them to fp32 before the heads)."""
         parameter = next(self.visual.parameters())
-        return self.visual(images.to(parameter.device, parameter.dtype))
+        with dtype_support(parameter.dtype, parameter.device):
+            return self.visual(images.to(parameter.device, parameter.dtype))
 
     def classify(self, images: Tensor, task: str) -> Tensor:
         """Logits 100 · normalize(embedding) @ headᵀ for `task`."""
@@ -161,8 +163,7 @@ def export(workspace: Workspace, out: Path, dtype: str = "fp32", device: torch.d
     """
     from rankone.moe import parameter_counts
 
-    if dtype not in DTYPES:
-        raise RankoneError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    resolve_dtype(dtype)
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_FILE).is_file())):
         raise RankoneError(f"--out {out}: exists and is not an earlier export; choose another folder")
@@ -200,8 +201,8 @@ def _stored_name(name: str) -> str:
     return f"{stem}.{_POOL_NAMES[last]}" if stem.endswith(".mlp") and last in _POOL_NAMES else name
 
 
-def load_artifact(folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> RankOneClassifier:
-    """An exported folder as a classifier, in the dtype it was exported in unless `dtype` is given."""
+def load_artifact(folder: Path, device: torch.device | str = "cpu", dtype: str | torch.dtype | None = None) -> RankOneClassifier:
+    """An exported folder as a classifier, in the dtype it was exported in unless `dtype` (fp32, fp16, bf16) is given."""
     from rankone.moe import load_router_state, routed_model
 
     folder = Path(folder)
@@ -225,18 +226,25 @@ def load_artifact(folder: Path, device: torch.device | str = "cpu", dtype: torch
     load_router_state(visual, routers, str(weights))
     ordered = {task: heads[task] for task in config.get("head_tasks", list(heads)) if task in heads}
     model = RankOneClassifier(visual, ordered, config.get("classnames", {}), config)
-    return model.to(device=device, dtype=dtype or DTYPES.get(config.get("dtype"), torch.float32)).eval()
+    compute_dtype = resolve_dtype(dtype) if dtype is not None else DTYPES.get(config.get("dtype"), torch.float32)
+    return model.to(device=device, dtype=compute_dtype).eval()
 
 
-def load(path: Path | str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> RankOneClassifier:
-    """An exported folder (with rankone.json) or a workspace (pool + adapted routers) as a classifier."""
+def load(path: Path | str, device: torch.device | str = "cpu", dtype: str | torch.dtype | None = None) -> RankOneClassifier:
+    """An exported folder (with rankone.json) or a workspace (pool + adapted routers) as a classifier.
+
+    `dtype` (fp32, fp16, bf16 or a torch dtype) is the precision the image tower runs in;
+    default: the exported one, fp32 for a workspace. Logits are fp32 whatever it is.
+    """
     path = Path(path)
+    if dtype is not None:
+        resolve_dtype(dtype)
     if (path / CONFIG_FILE).is_file():
         return load_artifact(path, device, dtype)
     workspace = Workspace(path)
     if workspace.exists():
         model = load_workspace(workspace, device)
-        return model.to(dtype=dtype) if dtype is not None else model
+        return model.to(dtype=resolve_dtype(dtype)) if dtype is not None else model
     raise RankoneError(f"{path}: neither an exported model (no {CONFIG_FILE}) nor a workspace (no manifest.json)")
 
 

@@ -186,14 +186,14 @@ def merge_command(
 
     Example: rankone merge --method ties --top 0.2 --lambda 0.3
     """
-    from rankone.merge import merge_workspace, merged_path, method_options
+    from rankone.merge import merge_step_count, merge_workspace, merged_path, method_options
     from rankone.models import resolve_device
     from rankone.workspace import Workspace
 
     method_options(method, lam=lam, top=top, drop=drop, seed=seed)
     resolved = resolve_device(device)
     work = Workspace(workspace)
-    progress, advance = _step_progress(f"merge {method}", None)
+    progress, advance = _step_progress(f"merge {method}", merge_step_count(work.architecture))
     with progress:
         options = merge_workspace(work, method, lam=lam, top=top, drop=drop, seed=seed, device=resolved, progress=advance)
     settings = ", ".join(f"{name} {value}" for name, value in options.items() if name != "method")
@@ -233,21 +233,26 @@ def eval_command(
     classnames: Annotated[Optional[list[str]], typer.Option("--classnames", help="Class names, one per line: FILE (one task) or TASK=FILE; repeatable.")] = None,
     templates: Annotated[Optional[list[str]], typer.Option("--templates", help="Templates with {}, one per line: FILE (one task) or TASK=FILE; repeatable.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
+    dtype: Annotated[str, typer.Option("--dtype", help="Precision the image encoder runs in: fp32, fp16 or bf16 (heads and logits stay fp32).")] = "fp32",
     workspace: WorkspaceOption = DEFAULT_WORKSPACE,
     device: DeviceOption = "auto",
 ) -> None:
     """Top-1 accuracy of a method on each task's labeled test images; writes eval/<method>.json.
 
-    Heads are zero-shot heads of the pretrained text tower, cached in heads/.
+    Heads are zero-shot heads of the pretrained text tower, cached in heads/. --dtype bf16
+    runs the image encoder in half precision; the report records the dtype.
 
     Example: rankone eval --method ties --tasks sun397 stanford-cars --data data --heads-source fusionbench
+
+    Example: rankone eval --method rankone --dtype bf16
     """
     from rich.table import Table
 
     from rankone.evaluate import check_tasks, evaluate_workspace
-    from rankone.models import resolve_device
+    from rankone.models import resolve_device, resolve_dtype
     from rankone.workspace import Workspace
 
+    resolve_dtype(dtype)
     extra = list(ctx.args)
     if extra and not tasks:
         raise RankoneError(f"eval: unexpected argument {extra[0]!r} (tasks go after --tasks)")
@@ -280,10 +285,11 @@ def eval_command(
         classnames=_per_task_lists(classnames, "--classnames", chosen, "class names"),
         templates=_per_task_lists(templates, "--templates", chosen, "templates"),
         device=resolved,
+        dtype=dtype,
         batch_size=batch_size,
         on_datasets=report_skipped,
     )
-    table = Table(title=f"{method}: top-1 accuracy")
+    table = Table(title=f"{method}: top-1 accuracy" + (f" ({dtype})" if dtype != "fp32" else ""))
     table.add_column("task")
     table.add_column("images", justify="right")
     table.add_column("accuracy %", justify="right")
@@ -432,25 +438,34 @@ def export(
 
 @app.command()
 def predict(
-    model_dir: Annotated[Path, typer.Argument(help="An exported folder (or a workspace).", metavar="DIR")],
-    images: Annotated[list[Path], typer.Argument(help="Image files.", metavar="IMAGE...")],
+    paths: Annotated[list[Path], typer.Argument(help="[DIR] IMAGE...: an exported model folder or a workspace (default: -w), then image files.", metavar="PATH")],
     task: Annotated[str, typer.Option("--task", help="Which task's classes to predict.")],
     top: Annotated[int, typer.Option("--top", help="How many classes to print.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Precision of the image tower: fp32, fp16 or bf16 (default: as exported; fp32 for a workspace).")] = None,
     workspace: WorkspaceOption = DEFAULT_WORKSPACE,
     device: DeviceOption = "auto",
 ) -> None:
     """Print the top classes of --task with their probabilities for each image.
 
+    The model is DIR when the first argument is a folder (an export or a workspace), otherwise the workspace's adapted model (-w).
+
     Example: rankone predict ./rankone-model --task cars photo1.jpg photo2.jpg --json
+
+    Example: rankone predict -w rankone-work --task cars --dtype bf16 photo1.jpg
     """
     import json
 
     from rankone.artifact import load, predict as predict_images
-    from rankone.models import resolve_device
+    from rankone.models import resolve_device, resolve_dtype
 
-    del workspace  # DIR names the model; -w is accepted for symmetry with the other commands
-    model = load(model_dir, resolve_device(device))
+    if dtype is not None:
+        resolve_dtype(dtype)
+    # An image is never a folder, so a leading folder can only be the model.
+    model_dir, images = (paths[0], paths[1:]) if paths[0].is_dir() else (workspace, paths)
+    if not images:
+        raise RankoneError(f"predict: no IMAGE given after the model folder {model_dir}")
+    model = load(model_dir, resolve_device(device), dtype)
     results = predict_images(model, images, task, top)
     if as_json:
         print(json.dumps(results, indent=2))
@@ -473,23 +488,27 @@ def compare_command(
     classnames: Annotated[Optional[list[str]], typer.Option("--classnames", help="Class names, one per line: FILE (one task) or TASK=FILE; repeatable.")] = None,
     templates: Annotated[Optional[list[str]], typer.Option("--templates", help="Templates with {}, one per line: FILE (one task) or TASK=FILE; repeatable.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
+    dtype: Annotated[str, typer.Option("--dtype", help="Precision the image encoders run in: fp32, fp16 or bf16, as for `rankone eval`.")] = "fp32",
     workspace: WorkspaceOption = DEFAULT_WORKSPACE,
     device: DeviceOption = "auto",
 ) -> None:
-    """Evaluate every method the workspace can run on the same heads and images: the paper's Table 1.
+    """Evaluate every method the workspace can run, like the paper's Table 1.
 
-    Rows: pretrained, individual, each merged/<method>, each adapted/<method> (adamerging,
-    wemoe, rankone). Columns: top-1 % per task, the average, and parameters relative to the
-    pretrained image tower. Writes compare.json, compare.md and eval/<method>.json (the
-    same files `rankone eval` writes), all at the end, so an error changes nothing.
+    Rows: pretrained, individual, each merged/<method>, each adapted/<method>
+    (adamerging, wemoe, rankone). Columns: top-1 % per task, the average, and
+    parameters relative to the pretrained image tower. Writes compare.json,
+    compare.md and eval/<method>.json (the files `rankone eval` writes), all at
+    the end, so an error changes nothing.
 
-    Example: rankone compare -w rankone-work --data data --tasks sun397 stanford-cars
+    Example: rankone compare -w rankone-work --data data --tasks cars,dtd
     """
     from rich.table import Table
 
     from rankone.compare import COMPARE_JSON, COMPARE_MARKDOWN, compare, relative
-    from rankone.models import resolve_device
+    from rankone.models import resolve_device, resolve_dtype
     from rankone.workspace import Workspace
+
+    resolve_dtype(dtype)
 
     extra = list(ctx.args)
     if extra and not tasks:
@@ -505,7 +524,7 @@ def compare_command(
         heads_source=heads_source,
         classnames=_per_task_lists(classnames, "--classnames", chosen, "class names"),
         templates=_per_task_lists(templates, "--templates", chosen, "templates"),
-        device=resolved, batch_size=batch_size, on_method=lambda name: error_console.print(f"[bold]{name}[/]"),
+        device=resolved, dtype=dtype, batch_size=batch_size, on_method=lambda name: error_console.print(f"[bold]{name}[/]"),
     )
     table = Table(title="top-1 accuracy (%)")
     table.add_column("method")
@@ -531,17 +550,18 @@ def _size(nbytes: int) -> str:
 
 @app.command("inspect")
 def inspect_command(
-    path: Annotated[Optional[Path], typer.Argument(help="A workspace, an exported model folder or a .safetensors file (default: the workspace).", metavar="[PATH]")] = None,
+    path: Annotated[Optional[Path], typer.Argument(help="A workspace, an exported model folder or a .safetensors file (default: the workspace).", metavar="PATH")] = None,
     architecture: Annotated[Optional[str], typer.Option("--architecture", help="Count from an open_clip architecture alone (e.g. ViT-B-32, ViT-L-14); no weights needed.")] = None,
     tasks: Annotated[int, typer.Option("--tasks", help="With --architecture: number of tasks for RankOne-MoE (WEMoE is shown for 8, 20 and this).")] = 8,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     workspace: WorkspaceOption = DEFAULT_WORKSPACE,
     device: DeviceOption = "auto",
 ) -> None:
-    """Tensors by role (pretrained tower, experts, task vectors, static, pool, routers, heads…) with counts and bytes.
+    """Tensors by role (towers, experts, task vectors, pool, routers, heads…).
 
-    Only safetensors headers are read. With --architecture, parameter counts of RankOne-MoE
-    (k = 16, 32, 64, 128) and WEMoE, from the real modules built on the meta device.
+    Counts and bytes per role, read from safetensors headers only. With
+    --architecture: parameter counts of RankOne-MoE (k = 16, 32, 64, 128) and
+    WEMoE, from the real modules built on the meta device (no weights needed).
 
     Examples: rankone inspect ./rankone-model
 

@@ -88,17 +88,19 @@ def compare(
     classnames: dict[str, list[str]] | None = None,
     templates: dict[str, list[str]] | None = None,
     device: torch.device | str = "cpu",
+    dtype: str = "fp32",
     batch_size: int = 64,
     progress: bool = True,
     on_method=None,
 ) -> dict[str, Any]:
     """Evaluate every available method (or `methods`) and write eval/<method>.json, compare.json, compare.md.
 
-    All files are written in one transaction after the last evaluation, so a failure leaves
-    the workspace as it was. `on_method(name)` is called before each method (for the CLI).
-    Returns the content of compare.json.
+    Everything (new heads included) is committed in one transaction after the last
+    evaluation, so a failure leaves the workspace as it was. `dtype` is the precision the
+    image encoders run in, as for `rankone eval --dtype`. `on_method(name)` is called
+    before each method (for the CLI). Returns the content of compare.json.
     """
-    from rankone.evaluate import evaluate, evaluation_inputs, report_path
+    from rankone.evaluate import evaluate, evaluation_inputs, write_report
     from rankone.methods import load_method
 
     available = available_methods(workspace)
@@ -117,28 +119,28 @@ def compare(
     data = Path(data)
     if not data.is_dir():
         raise RankoneError(f"--data {data}: no such folder")
-    heads, datasets = evaluation_inputs(
-        workspace, tasks, data, heads_source=heads_source, classnames=classnames, templates=templates, device=device
-    )
     tower = tower_parameters(workspace)
-    reports: dict[str, dict[str, Any]] = {}
-    for name in chosen:
-        if on_method is not None:
-            on_method(name)
-        method_model = load_method(workspace, name, device)
-        reports[name] = evaluate(method_model, heads, datasets, device=device, batch_size=batch_size, progress=progress)
-        del method_model
-    rows = [
-        {"method": name, "accuracy": {task: result["accuracy"] for task, result in report["tasks"].items()},
-         "average": report["average"], "parameters": report["parameters"], "relative_parameters": report["parameters"] / tower}
-        for name, report in reports.items()
-    ]
-    summary = {"tasks": tasks, "images": {task: len(images.paths) for task, images in datasets.items()},
-               "heads_source": heads_source, "tower_parameters": tower, "rows": rows}
+    # One transaction for new heads, every report and the table: a failure leaves no trace.
     with workspace.transaction() as staging:
-        for name, report in reports.items():
-            # The same file, byte for byte, that `rankone eval --method <name>` writes.
-            staging.write_json(report_path(name), report)
+        heads, datasets = evaluation_inputs(
+            workspace, tasks, data, heads_source=heads_source, classnames=classnames, templates=templates,
+            device=device, staging=staging,
+        )
+        reports: dict[str, dict[str, Any]] = {}
+        for name in chosen:
+            if on_method is not None:
+                on_method(name)
+            method_model = load_method(workspace, name, device, dtype)
+            reports[name] = evaluate(method_model, heads, datasets, device=device, batch_size=batch_size, progress=progress)
+            del method_model
+            write_report(workspace, reports[name], staging)
+        rows = [
+            {"method": name, "accuracy": {task: result["accuracy"] for task, result in report["tasks"].items()},
+             "average": report["average"], "parameters": report["parameters"], "relative_parameters": report["parameters"] / tower}
+            for name, report in reports.items()
+        ]
+        summary = {"tasks": tasks, "images": {task: len(images.paths) for task, images in datasets.items()},
+                   "heads_source": heads_source, "dtype": dtype, "tower_parameters": tower, "rows": rows}
         staging.write_json(COMPARE_JSON, summary)
         staging.path(COMPARE_MARKDOWN).write_text(markdown_table(summary))
     return summary

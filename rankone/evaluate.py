@@ -2,7 +2,9 @@
 
 Report schema (`eval/<method>.json`):
 `{"method": str, "tasks": {task: {"accuracy": percent, "n": images}}, "average": percent,
-"parameters": int}`; the average is the unweighted mean of the task accuracies.
+"parameters": int, "dtype": "fp32" | "fp16" | "bf16"}`; the average is the unweighted mean
+of the task accuracies; `dtype` is the precision the image encoder ran in (heads and logits
+are always fp32).
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ def evaluate(
         if bar is not None:
             bar.stop()
     average = sum(result["accuracy"] for result in results.values()) / len(results)
-    return {"method": method_model.name, "tasks": results, "average": average, "parameters": int(method_model.parameters)}
+    return {"method": method_model.name, "tasks": results, "average": average, "parameters": int(method_model.parameters),
+            "dtype": method_model.dtype}
 
 
 def check_tasks(workspace: Workspace, tasks: Sequence[str]) -> None:
@@ -188,11 +191,12 @@ def evaluate_workspace(
     classnames: dict[str, list[str]] | None = None,
     templates: dict[str, list[str]] | None = None,
     device: torch.device | str = "cpu",
+    dtype: str = "fp32",
     batch_size: int = 64,
     progress: bool = True,
     on_datasets: Callable[[dict[str, LabeledImages]], None] | None = None,
 ) -> tuple[dict[str, Any], str]:
-    """The whole eval stage: (report, relpath of eval/<method>.json).
+    """The whole eval stage: (report, relpath of eval/<method>.json); `dtype` as for `methods.load_method`.
 
     New heads and the report are committed together, so a failed run leaves no trace.
     """
@@ -201,7 +205,7 @@ def evaluate_workspace(
     tasks = list(tasks) if tasks else workspace.tasks
     check_tasks(workspace, tasks)
     # The method first: a missing merge should fail before any head is built.
-    method_model = load_method(workspace, method, device)
+    method_model = load_method(workspace, method, device, dtype)
     with workspace.transaction() as staging:
         heads, datasets = evaluation_inputs(
             workspace, tasks, data_root, heads_source=heads_source, classnames=classnames, templates=templates,

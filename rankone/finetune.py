@@ -9,21 +9,23 @@ The result is written as an open_clip model directory (`open_clip_config.json` +
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch.utils.data import DataLoader, Dataset
 
 from rankone.errors import RankoneError
 from rankone.models import VISUAL_PREFIX
-
-OPEN_CLIP_CONFIG = "open_clip_config.json"
-OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+from rankone.sources import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS
+from rankone.workspace import save_tensors_atomic, write_json_atomic
 
 
 def _batches(dataset: Dataset, batch_size: int, generator: torch.Generator, num_workers: int):
@@ -88,12 +90,6 @@ def write_open_clip_dir(
 ) -> Path:
     """An open_clip model directory: `open_clip_config.json` (`model_cfg`, `preprocess_cfg`) and
     `open_clip_model.safetensors`, written to a temporary folder and renamed into place."""
-    import os
-    import shutil
-    import tempfile
-
-    from rankone.workspace import save_tensors_atomic, write_json_atomic
-
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RankoneError(f"--out {out}: exists and is not an empty directory")
@@ -104,7 +100,7 @@ def write_open_clip_dir(
         image_size = architecture["vision_cfg"].get("image_size", 224)
         config = {
             "model_cfg": model_cfg,
-            "preprocess_cfg": {"image_size": image_size, "mean": list(_CLIP_MEAN), "std": list(_CLIP_STD),
+            "preprocess_cfg": {"image_size": image_size, "mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD),
                                "interpolation": "bicubic", "resize_mode": "shortest"},
         }
         if "name" in architecture:
@@ -120,9 +116,6 @@ def write_open_clip_dir(
         shutil.rmtree(staging, ignore_errors=True)
     return out
 
-
-_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass

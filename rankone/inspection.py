@@ -180,7 +180,7 @@ def inventory(path: Path | str) -> Inventory:
 # ---- parameter counts from an architecture alone ----------------------------------------
 
 def _meta_tower_state(architecture: dict[str, Any]) -> dict[str, torch.Tensor]:
-    from rankone.moe import build_visual
+    from rankone.models import build_visual
 
     with torch.device("meta"):
         return {f"visual.{name}": tensor for name, tensor in build_visual(architecture).state_dict().items()}

@@ -73,7 +73,23 @@ def method_options(method: str, *, lam: float | None = None, top: float | None =
     if used["--drop"]:
         options["drop"] = DEFAULT_DROP if drop is None else float(drop)
         options["seed"] = 0 if seed is None else int(seed)
+    _check_fractions(steps, options.get("top", DEFAULT_TOP), options.get("drop", DEFAULT_DROP))
     return options
+
+
+def _check_fractions(steps: MergeSteps, top: float, drop: float) -> None:
+    if steps.sparsify == "magnitude" and not 0.0 < top <= 1.0:
+        raise RankoneError(f"--top {top}: must be in (0, 1]")
+    if steps.sparsify == "random" and not 0.0 <= drop < 1.0:
+        raise RankoneError(f"--drop {drop}: must be in [0, 1)")
+
+
+def merge_step_count(architecture: dict) -> int:
+    """How many tensors a merge visits (one progress step each): the image tower's, counted on the meta device."""
+    from rankone.models import build_visual
+
+    with torch.device("meta"):
+        return len(build_visual(architecture).state_dict())
 
 
 def _steps(method: str) -> MergeSteps:
@@ -147,10 +163,7 @@ def merge_task_vectors(
     """
     steps = _steps(method)
     keys = _check_vectors(task_vectors)
-    if steps.sparsify == "magnitude" and not 0.0 < top <= 1.0:
-        raise RankoneError(f"--top {top}: must be in (0, 1]")
-    if steps.sparsify == "random" and not 0.0 <= drop < 1.0:
-        raise RankoneError(f"--drop {drop}: must be in [0, 1)")
+    _check_fractions(steps, top, drop)
     scale = 1.0 / len(task_vectors) if steps.scale == "mean" else float(lam)
 
     # One stream for all draws: each (task, tensor) consumes a fixed slice of it.

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from rankone.errors import RankoneError
-from rankone.models import count_parameters, load_clip, preprocess_for, visual_state
+from rankone.models import PrecisionEncoder, count_parameters, dtype_name, load_clip, preprocess_for, resolve_dtype, visual_state
 from rankone.workspace import Workspace
 
 
@@ -32,6 +32,8 @@ class MethodModel:
     name: str = ""
     # open_clip's evaluation transform; `load_method` fills it in from the workspace when a loader leaves it None.
     preprocess: Callable[[Any], torch.Tensor] | None = None
+    # The precision the encoders run in (`load_method(dtype=...)`); embeddings, heads and logits are fp32 whatever it is.
+    dtype: str = "fp32"
 
 
 Loader = Callable[[Workspace, str, torch.device], MethodModel]
@@ -107,14 +109,25 @@ def _resolve(loader: Loader | str) -> Loader:
     return getattr(importlib.import_module(module_name), function)
 
 
-def load_method(workspace: Workspace, method: str, device: torch.device | str = "cpu") -> MethodModel:
-    """The method's encoders and parameter count, ready for `evaluate.evaluate`."""
+def load_method(
+    workspace: Workspace, method: str, device: torch.device | str = "cpu", dtype: str | torch.dtype = "fp32"
+) -> MethodModel:
+    """The method's encoders and parameter count, ready for `evaluate.evaluate`.
+
+    `dtype` (fp32, fp16, bf16) is the precision every encoder runs in; loaders build in fp32
+    and the encoders are cast here, so every method gets half precision the same way.
+    """
     if method not in LOADERS:
         raise RankoneError(f"--method {method!r}: unknown; choose from {', '.join(METHODS)}")
     device = torch.device(device)
+    compute_dtype = resolve_dtype(dtype)
     method_model = _resolve(LOADERS[method])(workspace, method, device)
     if not method_model.name:
         method_model.name = method
     if method_model.preprocess is None:
         method_model.preprocess = preprocess_for(workspace.architecture)
+    if compute_dtype != torch.float32:
+        full_precision = method_model.encoder_for_task
+        method_model.encoder_for_task = lambda task: PrecisionEncoder(full_precision(task), compute_dtype)
+    method_model.dtype = dtype_name(compute_dtype)
     return method_model

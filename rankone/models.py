@@ -7,7 +7,9 @@ workspace uses open_clip's key layout (`visual.transformer.resblocks.0.mlp.c_fc.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import open_clip
@@ -36,6 +38,55 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+# Names the CLI takes for floating-point precisions.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, option: str = "--dtype") -> torch.dtype:
+    """`fp32`, `fp16`, `bf16` (or the torch dtype itself) → torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise RankoneError(f"{option} {dtype}: expected one of {', '.join(DTYPES)}")
+        return dtype
+    if dtype not in DTYPES:
+        raise RankoneError(f"{option} {dtype!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in DTYPES.items() if value == dtype)
+
+
+@contextlib.contextmanager
+def dtype_support(dtype: torch.dtype, device: torch.device | str):
+    """Turns torch's "not implemented for 'Half'" (an op this device lacks in `dtype`) into a RankoneError."""
+    try:
+        yield
+    except (RuntimeError, NotImplementedError) as error:
+        if "not implemented for" not in str(error) and "not supported" not in str(error):
+            raise
+        first_line = str(error).splitlines()[0]
+        raise RankoneError(f"--dtype {dtype_name(dtype)}: not supported on {device} by this torch ({first_line}); use bf16 or fp32") from None
+
+
+class PrecisionEncoder(nn.Module):
+    """An image encoder run in `dtype` whose embeddings come back in fp32.
+
+    Only the encoder runs in half precision. Heads and logits stay fp32: logits are 100·cos,
+    so bf16's 8-bit mantissa in the head product alone would move them by up to ~0.4, enough
+    to swap near-tied classes, and that product costs nothing next to the encoder.
+    """
+
+    def __init__(self, encoder: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.encoder = encoder.to(dtype)
+        self.compute_dtype = dtype
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with dtype_support(self.compute_dtype, images.device):
+            return self.encoder(images.to(self.compute_dtype)).float()
+
+
 def named_architecture(name: str) -> dict[str, Any]:
     """open_clip's config for a model name such as `ViT-B-32`, with the name recorded."""
     config = open_clip.get_model_config(name)
@@ -57,22 +108,56 @@ def build_clip(architecture: dict[str, Any]) -> open_clip.CLIP:
     return model.eval()
 
 
+def check_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    *,
+    prefix: str = "",
+    may_lack: Callable[[str], bool] = lambda key: False,
+) -> None:
+    """Every expected tensor is there (except those `may_lack` excuses), none is unexpected, every shape fits.
+
+    `prefix` is put before names in messages so they read as the file's keys.
+    """
+    missing = [key for key in expected if key not in state_dict]
+    if missing and not all(may_lack(key) for key in missing):
+        raise RankoneError(f"state dict lacks tensor {prefix}{missing[0]} (and {len(missing) - 1} more)")
+    for key, tensor in state_dict.items():
+        if key not in expected:
+            raise RankoneError(f"state dict has unexpected tensor {prefix}{key}")
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise RankoneError(f"tensor {prefix}{key}: shape {tuple(tensor.shape)} does not fit the architecture's {tuple(expected[key].shape)}")
+
+
 def load_clip(architecture: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> open_clip.CLIP:
     """An open_clip CLIP with `state_dict` loaded strictly (image tower only is allowed)."""
     model = build_clip(architecture)
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in state_dict]
-    only_visual = all(not key.startswith(VISUAL_PREFIX) for key in missing)
-    if missing and not only_visual:
-        raise RankoneError(f"state dict lacks tensor {missing[0]} (and {len(missing) - 1} more)")
-    unexpected = [key for key in state_dict if key not in expected]
-    if unexpected:
-        raise RankoneError(f"state dict has unexpected tensor {unexpected[0]}")
-    for key, tensor in state_dict.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise RankoneError(f"tensor {key}: shape {tuple(tensor.shape)} does not fit the architecture's {tuple(expected[key].shape)}")
+    check_state_dict(state_dict, model.state_dict(), may_lack=lambda key: not key.startswith(VISUAL_PREFIX))
     model.load_state_dict(state_dict, strict=False)
     return model
+
+
+def build_visual(architecture: dict[str, Any]) -> nn.Module:
+    """open_clip's image tower alone (no text tower) for an architecture dict."""
+    from open_clip.model import _build_vision_tower
+
+    try:
+        return _build_vision_tower(architecture["embed_dim"], copy.deepcopy(architecture["vision_cfg"]), architecture.get("quick_gelu", False)).eval()
+    except (TypeError, KeyError) as error:
+        raise RankoneError(f"architecture not understood by open_clip: {error}") from None
+
+
+def load_visual(architecture: dict[str, Any], visual: dict[str, torch.Tensor]) -> nn.Module:
+    """The image tower alone with the `visual.*` tensors of `visual` loaded strictly (other keys are ignored).
+
+    A tower built on the meta device (for counting) takes the tensors themselves instead of copies.
+    """
+    tower = build_visual(architecture)
+    state = {key.removeprefix(VISUAL_PREFIX): value for key, value in visual.items() if key.startswith(VISUAL_PREFIX)}
+    expected = tower.state_dict()
+    check_state_dict(state, expected, prefix=VISUAL_PREFIX)
+    tower.load_state_dict(state, strict=True, assign=next(iter(expected.values())).is_meta)
+    return tower
 
 
 def visual_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -15,7 +15,6 @@ and a zero router weight is the routed model exactly θ0 + λ·Σ rank-k(τ) on 
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
@@ -23,6 +22,8 @@ import torch
 from torch import nn
 
 from rankone.errors import RankoneError
+# build_visual/load_visual live in models.py; imported here too because callers know them as moe's.
+from rankone.models import build_visual, load_visual  # noqa: F401
 from rankone.pool import pool_keys
 
 ROUTING_MODES = ("per-sample", "per-batch")
@@ -180,33 +181,6 @@ def fused_expert_linear(
         return torch.addmm(base.reshape(-1, out_features), gated, pool_u.T).view(*x.shape[:-1], out_features)
     rows = flat.view(-1, flat.shape[-1])[:, :out_features]
     return rows.addmm_(gated, pool_u.T).view(*x.shape[:-1], out_features)
-
-
-def build_visual(architecture: dict[str, Any]) -> nn.Module:
-    """open_clip's image tower alone (no text tower) for an architecture dict."""
-    from open_clip.model import _build_vision_tower
-
-    try:
-        return _build_vision_tower(architecture["embed_dim"], copy.deepcopy(architecture["vision_cfg"]), architecture.get("quick_gelu", False)).eval()
-    except (TypeError, KeyError) as error:
-        raise RankoneError(f"architecture not understood by open_clip: {error}") from None
-
-
-def load_visual(architecture: dict[str, Any], visual: dict[str, torch.Tensor]) -> nn.Module:
-    """The image tower with `visual.*` tensors loaded strictly."""
-    tower = build_visual(architecture)
-    state = {key.removeprefix("visual."): value for key, value in visual.items() if key.startswith("visual.")}
-    expected = tower.state_dict()
-    missing = [key for key in expected if key not in state]
-    if missing:
-        raise RankoneError(f"state dict lacks tensor visual.{missing[0]} (and {len(missing) - 1} more)")
-    for key, value in state.items():
-        if key not in expected:
-            raise RankoneError(f"state dict has unexpected tensor visual.{key}")
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise RankoneError(f"tensor visual.{key}: shape {tuple(value.shape)} does not fit the architecture's {tuple(expected[key].shape)}")
-    tower.load_state_dict(state, strict=True, assign=expected[next(iter(expected))].is_meta)
-    return tower
 
 
 def routed_model(

@@ -154,14 +154,14 @@ def plot_analysis(analysis: dict[str, Any], path: Path) -> Path:
 
     blocks = [row["block"] for row in analysis["blocks"]]
     width = 0.4
-    figure = Figure(figsize=(max(4.0, 0.5 * len(blocks) + 2), 3.2))
+    figure = Figure(figsize=(max(4.0, 0.5 * len(blocks) + 2), 3.2), layout="constrained")
     axes = figure.subplots()
     axes.bar([b - width / 2 for b in blocks], [row["attention"] for row in analysis["blocks"]], width, label="attention")
     axes.bar([b + width / 2 for b in blocks], [row["mlp"] for row in analysis["blocks"]], width, label="MLP")
     axes.set_xlabel("transformer block")
     axes.set_ylabel("mean ‖τ‖₂ over tasks")
     axes.set_xticks(blocks)
-    axes.legend()
-    figure.tight_layout()
+    # Above the axes: inside, it hides the tallest bars, which are the point of the figure.
+    axes.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     figure.savefig(path, dpi=120)
     return path

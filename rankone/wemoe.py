@@ -137,7 +137,7 @@ def wemoe_model(
     plus the stacked task vectors. Router weights come from a generator seeded with `seed`,
     block by block. Meta tensors in, meta model out (for parameter counting).
     """
-    from rankone.moe import load_visual
+    from rankone.models import load_visual
     from rankone.pool import static_part
 
     if not task_vectors:

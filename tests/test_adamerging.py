@@ -19,8 +19,7 @@ from rankone.adamerging import (
 from rankone.adapt import AdaptOptions
 from rankone.errors import RankoneError
 from rankone.merge import merged_state
-from rankone.models import named_architecture, visual_state
-from rankone.moe import build_visual, load_visual
+from rankone.models import build_visual, load_visual, named_architecture, visual_state
 from rankone.task_vectors import compute_task_vectors
 
 
@@ -113,6 +112,5 @@ def test_cli_adapt_defaults_to_adamergings_learning_rate(tiny_workspace, unlabel
     code, out, err = rankone_cli("adapt", "-w", tiny_workspace.root, "--method", "adamerging", "--data", unlabeled_data,
                                  "--classnames-from", labeled_data, "--steps", "1", "--batch-size", "2", "--device", "cpu")
     assert code == 0, err
-    assert "adamerging.safetensors" in out
     metadata = json.loads(read_tensors_metadata(tiny_workspace.path(ADAPTED_COEFFICIENTS))["rankone"])
     assert metadata["lr"] == 1e-3 and metadata["steps"] == 1

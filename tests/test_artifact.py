@@ -167,3 +167,69 @@ def test_the_whole_cli_from_fetch_to_predict(tmp_path, base_state, expert_states
     assert {entry["class"] for entry in result["top"]} == {"left", "right"}
     assert sum(entry["probability"] for entry in result["top"]) == pytest.approx(1.0, abs=1e-5)
     assert Workspace(work).read_json("eval/rankone.json")["parameters"] == 41_240
+
+
+def safetensors_header(path: Path) -> tuple[int, dict]:
+    """(header length, header) read from the file's first bytes, independently of safetensors."""
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    return length, json.loads(raw[8 : 8 + length])
+
+
+def test_half_precision_export_is_smaller_by_the_tensor_bytes_and_still_classifies(tmp_path, adapted_workspace, labeled_data, rankone_cli):
+    from rankone.data import ImageDataset, labeled_images
+
+    sizes, numels = {}, {}
+    for dtype, tag in (("fp32", "F32"), ("fp16", "F16"), ("bf16", "BF16")):
+        code, _, err = rankone_cli("export", "-w", adapted_workspace.root, "--out", tmp_path / dtype, "--dtype", dtype)
+        assert code == 0, err
+        weights = tmp_path / dtype / WEIGHTS_FILE
+        length, header = safetensors_header(weights)
+        tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
+        # Pool, routers, static tower and heads: every tensor in the chosen precision.
+        assert {entry["dtype"] for entry in tensors.values()} == {tag}
+        assert any(name.endswith(".pool_u") for name in tensors) and any(".mlp.router." in name for name in tensors)
+        numels[dtype] = sum(torch.Size(entry["shape"]).numel() for entry in tensors.values())
+        sizes[dtype] = weights.stat().st_size - 8 - length
+        assert weights.stat().st_size == 8 + length + numels[dtype] * (4 if dtype == "fp32" else 2)
+    assert numels["fp16"] == numels["bf16"] == numels["fp32"]
+    assert sizes["fp32"] - sizes["fp16"] == sizes["fp32"] - sizes["bf16"] == 2 * numels["fp32"]
+
+    full = rankone.load(tmp_path / "fp32")
+    for dtype in ("fp16", "bf16"):
+        half = rankone.load(tmp_path / dtype)
+        assert next(half.visual.parameters()).dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        for task in TASKS:
+            found = labeled_images(labeled_data, task)
+            dataset = ImageDataset(found.paths, found.labels, full.preprocess)
+            pixels = torch.stack([dataset[index][0] for index in range(len(dataset))])
+            with torch.no_grad():
+                logits, expected = half.classify(pixels, task), full.classify(pixels, task)
+            # Same bound and reason as HALF_LOGIT_TOLERANCE in test_evaluate.py; here the heads are rounded too.
+            assert logits.dtype == torch.float32 and (logits - expected).abs().max() < 1.0
+            assert torch.equal(logits.argmax(-1), expected.argmax(-1))
+    upcast = rankone.load(tmp_path / "bf16", dtype="fp32")
+    assert next(upcast.visual.parameters()).dtype == torch.float32
+    from rankone.errors import RankoneError
+
+    with pytest.raises(RankoneError, match="--dtype 'fp64'"):
+        rankone.load(tmp_path / "fp32", dtype="fp64")
+
+
+def test_predict_defaults_to_the_workspace_and_takes_dtype(tmp_path, adapted_workspace, labeled_data, rankone_cli):
+    image = labeled_data / "beta" / "dark" / "0.png"
+    code, stdout, err = rankone_cli("predict", adapted_workspace.root, "--task", "beta", image, "--json")
+    assert code == 0, err
+    from_dir = json.loads(stdout)
+    code, stdout, err = rankone_cli("predict", "-w", adapted_workspace.root, "--task", "beta", image, "--json")
+    assert code == 0, err
+    assert json.loads(stdout) == from_dir
+    code, stdout, err = rankone_cli("predict", "-w", adapted_workspace.root, "--task", "beta", image, "--json", "--dtype", "bf16")
+    assert code == 0, err
+    (half,) = json.loads(stdout)
+    assert half["top"][0]["class"] == from_dir[0]["top"][0]["class"]
+    assert half["top"][0]["probability"] == pytest.approx(from_dir[0]["top"][0]["probability"], abs=0.02)
+    code, _, err = rankone_cli("predict", adapted_workspace.root, "--task", "beta")
+    assert code == 2 and "predict: no IMAGE given" in err
+    code, _, err = rankone_cli("predict", "-w", adapted_workspace.root, "--task", "beta", image, "--dtype", "half")
+    assert code == 2 and "--dtype 'half'" in err

@@ -86,3 +86,27 @@ def test_errors_leave_the_workspace_unchanged(every_stage_workspace, labeled_dat
     assert code == 2 and "wemoe.safetensors: does not match the workspace manifest" in err
     assert snapshot(workspace) == before
     assert not workspace.path("compare.json").exists() and not workspace.path("eval").exists()
+
+
+def test_a_late_failure_leaves_no_heads_behind(tiny_workspace, labeled_data, rankone_cli):
+    from rankone.merge import merge_workspace
+    from rankone.task_vectors import compute_task_vectors
+
+    compute_task_vectors(tiny_workspace)
+    merge_workspace(tiny_workspace, "task-arithmetic")
+    merged = tiny_workspace.path("merged/task-arithmetic.safetensors")
+    merged.write_bytes(merged.read_bytes()[:-4] + b"\x00\x00\x80\x7f")
+    before = snapshot(tiny_workspace)
+    code, _, err = rankone_cli("compare", "-w", tiny_workspace.root, "--data", labeled_data, "--device", "cpu")
+    assert code == 2 and "task-arithmetic.safetensors: does not match" in err
+    assert snapshot(tiny_workspace) == before  # the heads built for pretrained and individual were not committed
+    assert not tiny_workspace.path("heads").exists()
+
+
+def test_half_precision_is_recorded(every_stage_workspace, labeled_data, rankone_cli):
+    code, _, err = rankone_cli("compare", "-w", every_stage_workspace.root, "--data", labeled_data, "--device", "cpu",
+                               "--methods", "wemoe,adamerging", "--dtype", "bf16")
+    assert code == 0, err
+    summary = json.loads(every_stage_workspace.path("compare.json").read_text())
+    assert summary["dtype"] == "bf16"
+    assert json.loads(every_stage_workspace.path("eval/wemoe.json").read_text())["dtype"] == "bf16"

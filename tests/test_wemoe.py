@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from rankone.merge import merged_state
-from rankone.models import named_architecture, visual_state
-from rankone.moe import build_visual, load_visual
+from rankone.models import build_visual, load_visual, named_architecture, visual_state
 from rankone.wemoe import WEMoEMLP, parameter_counts, router_parameters, wemoe_model
 
 

@@ -38,9 +38,9 @@ FULL_RECIPE: dict[str, Any] = {
     # real CLIP on tasks its captions rarely describe, so fine-tuning has something to add.
     "held_out": ["greek", "fonts"],
     "sizes": {"pretrain": 600, "finetune": 600, "test": 320, "unlabeled": 160},
-    "pretrain": {"steps": 1000, "batch_size": 256, "lr": 2e-3},
+    "pretrain": {"steps": 500, "batch_size": 128, "lr": 2e-3},
     # Gentler than FusionBench's 2000+ steps: smaller task vectors merge better at this scale.
-    "finetune": {"steps": 600, "lr": 5e-5, "batch_size": 32},
+    "finetune": {"steps": 400, "lr": 5e-5, "batch_size": 32},
 }
 
 QUICK_RECIPE: dict[str, Any] = {
