@@ -123,7 +123,9 @@ def minimise_entropy(
     bar = _progress(progress)
     began, images = time.perf_counter(), 0
     with bar:
-        bar_task = bar.add_task("adapt", total=steps, completed=start, loss=float("nan"), rate=0.0)
+        # A resumed run says where it picked up: the bar alone would look like a fresh run that sped through.
+        description = f"adapt (resumed at step {start})" if start else "adapt"
+        bar_task = bar.add_task(description, total=steps, completed=start, loss=float("nan"), rate=0.0)
         for step in range(start, steps):
             optimizer.zero_grad(set_to_none=True)
             total = 0.0

@@ -252,7 +252,12 @@ def load(path: Path | str, device: torch.device | str = "cpu", dtype: str | torc
 
 def predict(model: RankOneClassifier, images: list[Path], task: str, top: int = 5, batch_size: int = 32) -> list[dict[str, Any]]:
     """Per image: the `top` classes of `task` with their softmax probabilities, best first."""
+    if top < 1:
+        raise RankoneError(f"--top {top}: must be at least 1")
     head = model.head(task)
+    for path in images:
+        if not Path(path).is_file():
+            raise RankoneError(f"{path}: no such image file")
     names = model.classnames.get(task) or [str(index) for index in range(head.shape[0])]
     transform = model.preprocess
     results = []

@@ -165,7 +165,7 @@ def task_vectors_command(
         ratio = row["mlp"] / row["attention"] if row["attention"] else float("inf")
         table.add_row(str(row["block"]), f"{row['attention']:.4f}", f"{row['mlp']:.4f}", f"{ratio:.2f}")
     console.print(table)
-    console.print(f"wrote {len(tasks)} task vectors and {work.path(ANALYSIS_FILE)}" + (f" and {work.path(ANALYSIS_PLOT)}" if plot else ""))
+    console.print(f"wrote {len(tasks)} task vectors and {work.path(ANALYSIS_FILE)}" + (f" and {work.path(ANALYSIS_PLOT)}" if plot else ""), soft_wrap=True, highlight=False)
 
 
 @app.command("merge")
@@ -197,7 +197,7 @@ def merge_command(
     with progress:
         options = merge_workspace(work, method, lam=lam, top=top, drop=drop, seed=seed, device=resolved, progress=advance)
     settings = ", ".join(f"{name} {value}" for name, value in options.items() if name != "method")
-    console.print(f"wrote {work.path(merged_path(method))}" + (f" ({settings})" if settings else ""))
+    console.print(f"wrote {work.path(merged_path(method))}" + (f" ({settings})" if settings else ""), soft_wrap=True, highlight=False)
 
 
 def _per_task_lists(values: list[str] | None, option: str, tasks: list[str], what: str) -> dict[str, list[str]]:
@@ -226,7 +226,7 @@ def _per_task_lists(values: list[str] | None, option: str, tasks: list[str], wha
 @app.command("eval", context_settings={"allow_extra_args": True})
 def eval_command(
     ctx: typer.Context,
-    method: Annotated[str, typer.Option("--method", "-m", help="pretrained, individual, weight-averaging, task-arithmetic, ties, dare, …")],
+    method: Annotated[str, typer.Option("--method", "-m", help="pretrained, individual, weight-averaging, task-arithmetic, ties, dare, rankone, adamerging, wemoe or perfect-router.")],
     tasks: Annotated[Optional[list[str]], typer.Option("--tasks", "-t", help="Tasks to evaluate: --tasks a b, --tasks a,b (default: every workspace task).")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Labeled test images DIR/<task>/<class>/<image> (default: WORKSPACE/data).")] = None,
     heads_source: Annotated[str, typer.Option("--heads-source", help="builtin (class names from the data folders, rankone's templates) or fusionbench (FusionBench's lists; needed for its checkpoints).")] = "builtin",
@@ -240,7 +240,7 @@ def eval_command(
     """Top-1 accuracy of a method on each task's labeled test images; writes eval/<method>.json.
 
     Heads are zero-shot heads of the pretrained text tower, cached in heads/. --dtype bf16
-    runs the image encoder in half precision; the report records the dtype.
+    runs the image encoder in half precision and writes eval/<method>.bf16.json instead.
 
     Example: rankone eval --method ties --tasks sun397 stanford-cars --data data --heads-source fusionbench
 
@@ -299,7 +299,7 @@ def eval_command(
     table.add_row("average", "", f"{report['average']:.2f}")
     console.print(table)
     console.print(f"image model parameters (heads excluded): {report['parameters']:,}")
-    console.print(f"wrote {work.path(relpath)}")
+    console.print(f"wrote {work.path(relpath)}", soft_wrap=True, highlight=False)
 
 
 # ---- build-pool, adapt, export, predict -------------------------------------------
@@ -347,11 +347,12 @@ def build_pool_command(
     from rich.table import Table
 
     from rankone.models import resolve_device
-    from rankone.pool import build_pool_stage
+    from rankone.pool import build_pool_stage, check_pool_options
     from rankone.workspace import Workspace
 
     ws = Workspace(workspace)
     resolved = resolve_device(device)
+    check_pool_options(ws.architecture, k, svd)
     progress, advance = _step_progress("SVD", 2 * int(ws.architecture["vision_cfg"]["layers"]))
     with progress:
         report = build_pool_stage(ws, k, lam, svd, progress=advance, device=resolved)
@@ -368,7 +369,7 @@ def build_pool_command(
     console.print(f"rank-one pool           {counts['pool']:>14,}")
     console.print(f"routers                 {counts['routers']:>14,}")
     console.print(f"RankOne-MoE total       {counts['total']:>14,}  ({counts['total'] / report.tower_parameters:.4f}× the tower)")
-    console.print(f"wrote {ws.path('pool.safetensors')}")
+    console.print(f"wrote {ws.path('pool.safetensors')}", soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -414,13 +415,13 @@ def adapt(
         templates=parse_pairs(templates or [], "--templates"), workers=workers,
     )
     written = ADAPT_METHODS[method](Workspace(workspace), options)
-    console.print(f"wrote {Path(workspace) / written}")
+    console.print(f"wrote {Path(workspace) / written}", soft_wrap=True, highlight=False)
 
 
 @app.command()
 def export(
     out: Annotated[Path, typer.Option("--out", help="Folder to write rankone.json and model.safetensors to.")],
-    dtype: Annotated[str, typer.Option("--dtype", help="fp32, fp16 or bf16.")] = "fp32",
+    dtype: Annotated[str, typer.Option("--dtype", help="Precision of everything stored (tower, pool, routers, heads): fp32, fp16 or bf16.")] = "fp32",
     workspace: WorkspaceOption = DEFAULT_WORKSPACE,
     device: DeviceOption = "auto",
 ) -> None:
@@ -433,7 +434,8 @@ def export(
     from rankone.workspace import Workspace
 
     config = export_artifact(Workspace(workspace), out, dtype, resolve_device(device))
-    console.print(f"wrote {out} (tasks: {', '.join(config['head_tasks'])}; {config['parameters']['total']:,} parameters + heads)")
+    size = (Path(out) / "model.safetensors").stat().st_size
+    console.print(f"wrote {out} (tasks: {', '.join(config['head_tasks'])}; {config['parameters']['total']:,} parameters + heads; {dtype}, {size / 1e6:,.2f} MB)", soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -462,9 +464,13 @@ def predict(
     if dtype is not None:
         resolve_dtype(dtype)
     # An image is never a folder, so a leading folder can only be the model.
+    if not paths[0].exists():
+        raise RankoneError(f"{paths[0]}: no such model folder or image file")
     model_dir, images = (paths[0], paths[1:]) if paths[0].is_dir() else (workspace, paths)
     if not images:
         raise RankoneError(f"predict: no IMAGE given after the model folder {model_dir}")
+    if model_dir == workspace and not Path(workspace).is_dir():
+        raise RankoneError(f"-w {workspace}: no such workspace; pass the model folder first (rankone predict DIR --task TASK IMAGE...) or -w WORKSPACE")
     model = load(model_dir, resolve_device(device), dtype)
     results = predict_images(model, images, task, top)
     if as_json:

@@ -154,9 +154,13 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
-def image_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, workers: int = 0) -> DataLoader:
-    """A DataLoader; with `shuffle`, the order is fixed by `seed`."""
+def check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise RankoneError(f"--batch-size {batch_size}: must be at least 1")
+
+
+def image_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, workers: int = 0) -> DataLoader:
+    """A DataLoader; with `shuffle`, the order is fixed by `seed`."""
+    check_batch_size(batch_size)
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers)

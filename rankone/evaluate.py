@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from rankone.data import ImageDataset, LabeledImages, image_loader, labeled_images
+from rankone.data import ImageDataset, LabeledImages, check_batch_size, image_loader, labeled_images
 from rankone.errors import RankoneError
 from rankone.heads import HEAD_SOURCES, classify_logits, fusionbench_classnames_and_templates, heads_for_tasks
 from rankone.methods import MethodModel
@@ -87,6 +87,7 @@ def evaluate(
     """Top-1 accuracy (percent) of `method_model` on every task of `datasets`, as the report dict."""
     if not datasets:
         raise RankoneError("eval: no tasks to evaluate")
+    check_batch_size(batch_size)
     if method_model.preprocess is None:
         raise RankoneError(f"method {method_model.name!r}: has no image preprocessing (load it with methods.load_method)")
     for task in datasets:
@@ -166,13 +167,14 @@ def evaluation_inputs(
     return heads, datasets
 
 
-def report_path(method: str) -> str:
-    return f"{EVAL_DIR}/{method}.json"
+def report_path(method: str, dtype: str = "fp32") -> str:
+    """`eval/<method>.json`; a half-precision run goes to `eval/<method>.<dtype>.json`, beside the fp32 one it is checked against."""
+    return f"{EVAL_DIR}/{method}.json" if dtype == "fp32" else f"{EVAL_DIR}/{method}.{dtype}.json"
 
 
 def write_report(workspace: Workspace, report: dict[str, Any], staging: Staging | None = None) -> str:
-    """`eval/<method>.json`, written atomically (into `staging` when given) and recorded in the manifest."""
-    relpath = report_path(report["method"])
+    """The report at `report_path`, written atomically (into `staging` when given) and recorded in the manifest."""
+    relpath = report_path(report["method"], report.get("dtype", "fp32"))
     if staging is not None:
         staging.write_json(relpath, report)
         return relpath

@@ -201,6 +201,21 @@ class PoolReport:
     counts: dict[str, int]  # the routed model by part (`moe.parameter_counts`)
 
 
+def check_pool_options(architecture: dict, k: int, svd: str) -> None:
+    """--k and --svd against the architecture's MLP shapes, before any file is read."""
+    from rankone.models import build_visual
+
+    if svd not in SVD_METHODS:
+        raise RankoneError(f"--svd {svd!r}: expected one of {', '.join(SVD_METHODS)}")
+    if k < 1:
+        raise RankoneError(f"--k {k}: must be at least 1")
+    with torch.device("meta"):
+        shapes = {f"visual.{name}": tensor.shape for name, tensor in build_visual(architecture).state_dict().items()}
+    for key in mlp_weight_keys(shapes):
+        if k > min(shapes[key]):
+            raise RankoneError(f"--k {k}: larger than the rank limit {min(shapes[key])} of {key} ({shapes[key][0]}×{shapes[key][1]})")
+
+
 def build_pool_stage(
     workspace: Workspace, k: int, lam: float = 0.3, svd: str = "exact", progress=None, device: torch.device | str = "cpu"
 ) -> PoolReport:
@@ -215,6 +230,7 @@ def build_pool_stage(
     tasks = workspace.tasks
     if not tasks:
         raise RankoneError(f"{workspace.manifest_path}: the workspace has no tasks; run `rankone fetch` with experts first")
+    check_pool_options(workspace.architecture, k, svd)
     hashes = {task: workspace.manifest()["files"].get(task_vector_path(task), {}).get("sha256") for task in tasks}
     task_vectors = load_task_vectors(workspace, tasks)
     base_visual = visual_state(workspace.load_tensors("base.safetensors"))

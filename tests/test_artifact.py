@@ -85,6 +85,9 @@ def test_export_and_load_errors(tmp_path, adapted_workspace, tiny_workspace, ran
     code, _, err = rankone_cli("predict", tmp_path / "m", "--task", "alpha", tmp_path / "x.png")
     assert code == 2 and "does not match the sha256" in err
     code, _, err = rankone_cli("predict", tmp_path / "nothing", "--task", "alpha", tmp_path / "x.png")
+    assert code == 2 and f"{tmp_path / 'nothing'}: no such model folder or image file" in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = rankone_cli("predict", tmp_path / "empty", "--task", "alpha", tmp_path / "x.png")
     assert code == 2 and "neither an exported model" in err
 
 
@@ -231,5 +234,11 @@ def test_predict_defaults_to_the_workspace_and_takes_dtype(tmp_path, adapted_wor
     assert half["top"][0]["probability"] == pytest.approx(from_dir[0]["top"][0]["probability"], abs=0.02)
     code, _, err = rankone_cli("predict", adapted_workspace.root, "--task", "beta")
     assert code == 2 and "predict: no IMAGE given" in err
+    code, _, err = rankone_cli("predict", "-w", tmp_path / "absent", "--task", "beta", image)
+    assert code == 2 and f"-w {tmp_path / 'absent'}: no such workspace" in err
+    code, _, err = rankone_cli("predict", adapted_workspace.root, "--task", "beta", tmp_path / "absent.png")
+    assert code == 2 and f"{tmp_path / 'absent.png'}: no such image file" in err
+    code, _, err = rankone_cli("predict", adapted_workspace.root, "--task", "beta", image, "--top", "0")
+    assert code == 2 and "--top 0: must be at least 1" in err
     code, _, err = rankone_cli("predict", "-w", adapted_workspace.root, "--task", "beta", image, "--dtype", "half")
     assert code == 2 and "--dtype 'half'" in err

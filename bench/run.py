@@ -1,0 +1,257 @@
+"""rankone benchmarks (`make bench`): routed forward latency, one adaptation step, build-pool SVD time.
+
+    python bench/run.py            # the whole set, < 15 minutes on a 2-core CPU
+    python bench/run.py --quick    # ViT-B/32 only, fewer repeats and sizes (a few minutes)
+    python bench/run.py --only forward --only pool
+
+Writes bench/results.json (every number, the machine, the load average) and prints the
+table that docs/benchmarks.md reproduces. Timings are medians of interleaved repeats
+with the same thread count on both sides; ratios come from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    K,
+    LAMBDA,
+    SELECT,
+    TASKS,
+    THREADS,
+    interleaved_medians,
+    load_average,
+    random_base,
+    random_models,
+    setup_threads,
+    with_mlp_forward,
+)
+
+from rankone.moe import router_parameters, set_routing  # noqa: E402
+from rankone.pool import build_pool, mlp_weight_keys  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results.json"
+IMAGE_SIZE = 224
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} load {load_average()[0]:.1f}] {message}", flush=True)
+
+
+# ---- 1. forward latency ------------------------------------------------------------------
+
+def build_models(name: str) -> dict:
+    log(f"{name}: building random experts")
+    began = time.perf_counter()
+    models = random_models(name)
+    models["setup_s"] = time.perf_counter() - began
+    return models
+
+
+def forward_latency(models: dict, batches: dict[int, int], reference_batches: dict[int, int], plain: bool) -> list[dict]:
+    """Rows: static task arithmetic vs routed (fused per-sample, per-batch, plain per-sample, reference loop)."""
+    name, setup_s = models["architecture"]["name"], models["setup_s"]
+    static, routed = models["static"], models["routed"]
+    per_batch = with_mlp_forward(routed, "fused")
+    set_routing(per_batch, SELECT, "per-batch")
+    variants = {"routed per-sample": routed, "routed per-batch": per_batch}
+    if plain:
+        variants["routed per-sample, plain path"] = with_mlp_forward(routed, "plain")
+    reference = with_mlp_forward(routed, "reference")
+    rows = []
+    for batch, repeats in batches.items():
+        images = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(batch))
+        runs = {"static": lambda: static(images), **{label: (lambda model=model: model(images)) for label, model in variants.items()}}
+        if batch == 1:
+            runs.pop("routed per-batch")  # one image: per-batch routing is per-sample routing
+        log(f"forward {name} batch {batch}: {len(runs)} models × {repeats} interleaved repeats")
+        load = load_average()
+        with torch.inference_mode():
+            timed = interleaved_medians(runs, repeats)
+        for label, timing in timed.items():
+            rows.append({"architecture": name, "batch": batch, "model": label, **timing,
+                         "ratio_to_static": timing["median_s"] / timed["static"]["median_s"], "load_before": load})
+        if batch in reference_batches:
+            log(f"forward {name} batch {batch}: reference-style per-sample loop")
+            with torch.inference_mode():
+                pair = interleaved_medians({"static": lambda: static(images), "reference loop": lambda: reference(images)},
+                                           reference_batches[batch], warmup=0)
+            rows.append({"architecture": name, "batch": batch, "model": "reference-style per-sample loop (baseline)",
+                         **pair["reference loop"], "ratio_to_static": pair["reference loop"]["median_s"] / pair["static"]["median_s"],
+                         "load_before": load})
+    for row in rows:
+        row["setup_s"] = setup_s
+    del variants, reference
+    return rows
+
+
+# ---- 2. adaptation step ------------------------------------------------------------------
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_extra_mib(run) -> float | None:
+    """Peak resident memory of `run()` above the resident memory just before it (Linux VmHWM reset)."""
+    gc.collect()
+    _malloc_trim()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    before = _status_kib("VmRSS")
+    run()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def adaptation_step(models: dict, per_task_batches: list[int], repeats: int) -> list[dict]:
+    """One step of `rankone.adapt.minimise_entropy` (8 tasks, entropy, Adam) routed vs a static forward+backward."""
+    from torch.utils.data import TensorDataset
+
+    from rankone.adapt import classify_with, minimise_entropy
+
+    static, routed = models["static"], models["routed"]
+    embed_dim = models["architecture"]["embed_dim"]
+    heads = {task: torch.nn.functional.normalize(torch.randn(10, embed_dim, generator=torch.Generator().manual_seed(index)), dim=-1)
+             for index, task in enumerate(TASKS)}
+    # The static tower has nothing to train; a per-channel input scale makes backward run through the whole tower.
+    input_scale = torch.nn.Parameter(torch.ones(1, 3, 1, 1))
+    classify_static = classify_with(lambda images: static(images * input_scale), heads)
+    classify_routed = classify_with(routed, heads)
+    routers = router_parameters(routed)
+    rows = []
+    for per_task in per_task_batches:
+        data = {task: TensorDataset(torch.randn(per_task, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(index)))
+                for index, task in enumerate(TASKS)}
+
+        def step(classify, parameters):
+            return lambda: minimise_entropy(classify, parameters, data, steps=1, batch_size=per_task, lr=1e-4, seed=0,
+                                            device="cpu", progress=False)
+
+        runs = {"static forward+backward": step(classify_static, [input_scale]), "routed adaptation step": step(classify_routed, routers)}
+        log(f"adapt step: {per_task} images per task × {len(TASKS)} tasks, {repeats} interleaved repeats")
+        load = load_average()
+        timed = interleaved_medians(runs, repeats)
+        memory = {label: peak_extra_mib(run) for label, run in runs.items()}
+        for label, timing in timed.items():
+            rows.append({"per_task_batch": per_task, "images_per_step": per_task * len(TASKS), "model": label, **timing,
+                         "ratio_to_static": timing["median_s"] / timed["static forward+backward"]["median_s"],
+                         "peak_extra_mib": memory[label], "load_before": load})
+    return rows
+
+
+# ---- 3. build-pool SVD -------------------------------------------------------------------
+
+def pool_svd(exact_blocks: int | None) -> list[dict]:
+    """`rankone.pool.build_pool` on eight dense random ViT-B/32 MLP task vectors (scale 1e-3), exact and randomized."""
+    _, base = random_base("ViT-B-32")
+    keys = mlp_weight_keys(base)
+    log(f"pool: generating 8 dense task vectors over {len(keys)} MLP matrices")
+    generator = torch.Generator().manual_seed(5)
+    task_vectors = [{key: torch.randn(base[key].shape, generator=generator).mul_(1e-3) for key in keys} for _ in TASKS]
+    del base
+    blocks = len(keys) // 2
+    subset = blocks if exact_blocks is None else min(exact_blocks, blocks)
+    subset_keys = keys[: 2 * subset]
+    rows = []
+    results = {}
+    for svd, chosen in (("randomized", keys), ("exact", subset_keys)):
+        vectors = [{key: vector[key] for key in chosen} for vector in task_vectors]
+        log(f"pool: {svd} SVD, {len(chosen)} matrices × {len(TASKS)} tasks")
+        load = load_average()
+        began = time.perf_counter()
+        _, kept = build_pool(vectors, K, svd, tasks=TASKS)
+        seconds = time.perf_counter() - began
+        results[svd] = kept
+        rows.append({"svd": svd, "matrices": len(chosen), "tasks": len(TASKS), "seconds": seconds,
+                     "seconds_for_all_blocks": seconds * len(keys) / len(chosen), "extrapolated": len(chosen) < len(keys),
+                     "kept_energy_mean": sum(sum(v) for v in kept.values()) / (len(kept) * len(TASKS)), "load_before": load})
+    # Kept energy, randomized against exact, on the matrices both ran.
+    relative = [abs(results["randomized"][key][t] - results["exact"][key][t]) / results["exact"][key][t]
+                for key in subset_keys for t in range(len(TASKS))]
+    for row in rows:
+        row["kept_energy_max_relative_gap"] = max(relative)
+        row["compared_matrices"] = len(subset_keys)
+    return rows
+
+
+# ---- table and main ----------------------------------------------------------------------
+
+def table(results: dict) -> str:
+    lines = ["| benchmark | configuration | model | median | ratio |", "|---|---|---|---|---|"]
+    for row in results.get("forward", []):
+        lines.append(f"| forward | {row['architecture']}, batch {row['batch']} | {row['model']} | {row['median_s'] * 1e3:.0f} ms | {row['ratio_to_static']:.2f}× |")
+    for row in results.get("adapt", []):
+        memory = "n/a" if row["peak_extra_mib"] is None else f"{row['peak_extra_mib']:.0f} MiB peak"
+        lines.append(f"| adapt step | ViT-B-32, {row['per_task_batch']}/task × 8 | {row['model']} ({memory}) | {row['median_s'] * 1e3:.0f} ms | {row['ratio_to_static']:.2f}× |")
+    for row in results.get("pool", []):
+        note = f", measured on {row['matrices']} matrices, scaled to all" if row["extrapolated"] else ""
+        lines.append(f"| build-pool | ViT-B-32, 8 tasks, k {K}{note} | {row['svd']} SVD (kept energy {row['kept_energy_mean']:.4f}) | {row['seconds_for_all_blocks']:.1f} s | gap {row['kept_energy_max_relative_gap']:.2%} |")
+    lines.append("| artifact size | – | (placeholder, measured elsewhere) | – | – |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="ViT-B/32 only, batches 1 and 16, few repeats")
+    parser.add_argument("--only", action="append", choices=["forward", "adapt", "pool"], help="run only these benchmarks")
+    parser.add_argument("--large", action=argparse.BooleanOptionalAction, default=None, help="include ViT-L/14 (default: on unless --quick)")
+    parser.add_argument("--exact-blocks", type=int, default=None, help="time exact SVD on the first N blocks and scale up (default 2, quick 1; 0 = all)")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    setup_threads()
+    chosen = set(args.only or ["forward", "adapt", "pool"])
+    large = (not args.quick) if args.large is None else args.large
+    exact_blocks = (1 if args.quick else 2) if args.exact_blocks is None else (args.exact_blocks or None)
+    results: dict = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "torch": torch.__version__, "threads": THREADS, "cpu_count": __import__("os").cpu_count()},
+        "settings": {"tasks": len(TASKS), "k": K, "select": SELECT, "lambda": LAMBDA, "dtype": "float32", "quick": args.quick},
+        "load_average_start": load_average(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    began = time.perf_counter()
+    if "forward" in chosen or "adapt" in chosen:
+        models = build_models("ViT-B-32")
+        if "forward" in chosen:
+            batches = {1: 3, 16: 2} if args.quick else {1: 7, 16: 4, 64: 2}
+            results["forward"] = forward_latency(models, batches, {1: 2, 16: 1}, plain=True)
+        if "adapt" in chosen:
+            results["adapt"] = adaptation_step(models, [1] if args.quick else [1, 2, 4], 2 if args.quick else 3)
+        del models
+        gc.collect()
+        if "forward" in chosen and large:
+            results["forward"] += forward_latency(build_models("ViT-L-14"), {1: 2}, {}, plain=False)
+            gc.collect()
+    if "pool" in chosen:
+        results["pool"] = pool_svd(exact_blocks)
+    results["load_average_end"] = load_average()
+    results["wall_s"] = time.perf_counter() - began
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    print(f"\nwall {results['wall_s']:.0f} s, load average {results['load_average_start']} → {results['load_average_end']}; wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
