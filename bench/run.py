@@ -59,26 +59,28 @@ def build_models(name: str) -> dict:
     return models
 
 
-def forward_latency(models: dict, batches: dict[int, int], reference_batches: dict[int, int], plain: bool) -> list[dict]:
+def forward_latency(models: dict, batches: dict[int, int], reference_batches: dict[int, int], plain_batches: tuple[int, ...]) -> list[dict]:
     """Rows: static task arithmetic vs routed (fused per-sample, per-batch, plain per-sample, reference loop)."""
     name, setup_s = models["architecture"]["name"], models["setup_s"]
     static, routed = models["static"], models["routed"]
     per_batch = with_mlp_forward(routed, "fused")
     set_routing(per_batch, SELECT, "per-batch")
     variants = {"routed per-sample": routed, "routed per-batch": per_batch}
-    if plain:
-        variants["routed per-sample, plain path"] = with_mlp_forward(routed, "plain")
+    plain = with_mlp_forward(routed, "plain") if plain_batches else None
     reference = with_mlp_forward(routed, "reference")
     rows = []
     for batch, repeats in batches.items():
         images = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(batch))
         runs = {"static": lambda: static(images), **{label: (lambda model=model: model(images)) for label, model in variants.items()}}
+        if batch in plain_batches:
+            runs["routed per-sample, plain path"] = lambda: plain(images)
         if batch == 1:
             runs.pop("routed per-batch")  # one image: per-batch routing is per-sample routing
+        warmup = 0 if batch > 16 else 1  # smaller batches already warmed the same models
         log(f"forward {name} batch {batch}: {len(runs)} models × {repeats} interleaved repeats")
         load = load_average()
         with torch.inference_mode():
-            timed = interleaved_medians(runs, repeats)
+            timed = interleaved_medians(runs, repeats, warmup)
         for label, timing in timed.items():
             rows.append({"architecture": name, "batch": batch, "model": label, **timing,
                          "ratio_to_static": timing["median_s"] / timed["static"]["median_s"], "load_before": load})
@@ -92,7 +94,7 @@ def forward_latency(models: dict, batches: dict[int, int], reference_batches: di
                          "load_before": load})
     for row in rows:
         row["setup_s"] = setup_s
-    del variants, reference
+    del variants, reference, plain
     return rows
 
 
@@ -112,26 +114,35 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def peak_extra_mib(run) -> float | None:
-    """Peak resident memory of `run()` above the resident memory just before it (Linux VmHWM reset)."""
+def timed_peak(run) -> tuple[float, float | None]:
+    """(wall seconds of `run()`, its peak resident memory above the resident memory just before it, MiB).
+
+    Linux only: writing 5 to /proc/self/clear_refs resets the VmHWM high-water mark; freed
+    heap is returned first (gc, malloc_trim) so the starting point is what is really held.
+    """
     gc.collect()
     _malloc_trim()
     try:
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return None
-    before = _status_kib("VmRSS")
+        before = _status_kib("VmRSS")
+    except (OSError, RuntimeError):
+        before = None
+    began = time.perf_counter()
     run()
-    return (_status_kib("VmHWM") - before) / 1024
+    seconds = time.perf_counter() - began
+    return seconds, None if before is None else (_status_kib("VmHWM") - before) / 1024
 
 
-def adaptation_step(models: dict, per_task_batches: list[int], repeats: int) -> list[dict]:
+def adaptation_step(models: dict, per_task_batches: dict[int, int]) -> list[dict]:
     """One step of `rankone.adapt.minimise_entropy` (8 tasks, entropy, Adam) routed vs a static forward+backward."""
+    import statistics
+
     from torch.utils.data import TensorDataset
 
     from rankone.adapt import classify_with, minimise_entropy
 
     static, routed = models["static"], models["routed"]
+    static.requires_grad_(False)
     embed_dim = models["architecture"]["embed_dim"]
     heads = {task: torch.nn.functional.normalize(torch.randn(10, embed_dim, generator=torch.Generator().manual_seed(index)), dim=-1)
              for index, task in enumerate(TASKS)}
@@ -141,7 +152,7 @@ def adaptation_step(models: dict, per_task_batches: list[int], repeats: int) -> 
     classify_routed = classify_with(routed, heads)
     routers = router_parameters(routed)
     rows = []
-    for per_task in per_task_batches:
+    for per_task, repeats in per_task_batches.items():
         data = {task: TensorDataset(torch.randn(per_task, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(index)))
                 for index, task in enumerate(TASKS)}
 
@@ -150,14 +161,21 @@ def adaptation_step(models: dict, per_task_batches: list[int], repeats: int) -> 
                                             device="cpu", progress=False)
 
         runs = {"static forward+backward": step(classify_static, [input_scale]), "routed adaptation step": step(classify_routed, routers)}
-        log(f"adapt step: {per_task} images per task × {len(TASKS)} tasks, {repeats} interleaved repeats")
+        log(f"adapt step: {per_task} images per task × {len(TASKS)} tasks, 1 warm-up + {repeats} interleaved repeats")
         load = load_average()
-        timed = interleaved_medians(runs, repeats)
-        memory = {label: peak_extra_mib(run) for label, run in runs.items()}
-        for label, timing in timed.items():
-            rows.append({"per_task_batch": per_task, "images_per_step": per_task * len(TASKS), "model": label, **timing,
-                         "ratio_to_static": timing["median_s"] / timed["static forward+backward"]["median_s"],
-                         "peak_extra_mib": memory[label], "load_before": load})
+        for run in runs.values():
+            run()
+        measured: dict[str, list[tuple[float, float | None]]] = {label: [] for label in runs}
+        for _ in range(repeats):
+            for label, run in runs.items():
+                measured[label].append(timed_peak(run))
+        medians = {label: statistics.median(seconds for seconds, _ in values) for label, values in measured.items()}
+        for label, values in measured.items():
+            peaks = [peak for _, peak in values if peak is not None]
+            rows.append({"per_task_batch": per_task, "images_per_step": per_task * len(TASKS), "model": label,
+                         "median_s": medians[label], "repeats": repeats,
+                         "ratio_to_static": medians[label] / medians["static forward+backward"],
+                         "peak_extra_mib": max(peaks) if peaks else None, "load_before": load})
     return rows
 
 
@@ -235,13 +253,13 @@ def main(argv: list[str] | None = None) -> int:
         models = build_models("ViT-B-32")
         if "forward" in chosen:
             batches = {1: 3, 16: 2} if args.quick else {1: 7, 16: 4, 64: 2}
-            results["forward"] = forward_latency(models, batches, {1: 2, 16: 1}, plain=True)
+            results["forward"] = forward_latency(models, batches, {1: 2, 16: 1}, plain_batches=(1, 16))
         if "adapt" in chosen:
-            results["adapt"] = adaptation_step(models, [1] if args.quick else [1, 2, 4], 2 if args.quick else 3)
+            results["adapt"] = adaptation_step(models, {1: 1} if args.quick else {1: 2, 2: 1})
         del models
         gc.collect()
         if "forward" in chosen and large:
-            results["forward"] += forward_latency(build_models("ViT-L-14"), {1: 2}, {}, plain=False)
+            results["forward"] += forward_latency(build_models("ViT-L-14"), {1: 2}, {}, plain_batches=())
             gc.collect()
     if "pool" in chosen:
         results["pool"] = pool_svd(exact_blocks)

@@ -240,7 +240,7 @@ def eval_command(
     """Top-1 accuracy of a method on each task's labeled test images; writes eval/<method>.json.
 
     Heads are zero-shot heads of the pretrained text tower, cached in heads/. --dtype bf16
-    runs the image encoder in half precision and writes eval/<method>.bf16.json instead.
+    runs the image encoder in half precision; the report records the dtype.
 
     Example: rankone eval --method ties --tasks sun397 stanford-cars --data data --heads-source fusionbench
 
@@ -263,6 +263,8 @@ def eval_command(
     chosen = [name for value in (tasks or []) + extra for name in value.split(",") if name] or work.tasks
     check_tasks(work, chosen)
     resolved = resolve_device(device)
+    if dtype == "fp16" and resolved.type == "cpu":
+        error_console.print("note: fp16 runs slowly on the CPU (measured ~5× slower than fp32); bf16 is the CPU's fast half precision")
     data_root = data if data is not None else work.path("data")
     if not data_root.is_dir():
         raise RankoneError(f"--data {data_root}: no such folder (fetch test splits with `rankone fetch --dataset`, or pass --data DIR)")

@@ -167,14 +167,14 @@ def evaluation_inputs(
     return heads, datasets
 
 
-def report_path(method: str, dtype: str = "fp32") -> str:
-    """`eval/<method>.json`; a half-precision run goes to `eval/<method>.<dtype>.json`, beside the fp32 one it is checked against."""
-    return f"{EVAL_DIR}/{method}.json" if dtype == "fp32" else f"{EVAL_DIR}/{method}.{dtype}.json"
+def report_path(method: str) -> str:
+    return f"{EVAL_DIR}/{method}.json"
 
 
 def write_report(workspace: Workspace, report: dict[str, Any], staging: Staging | None = None) -> str:
-    """The report at `report_path`, written atomically (into `staging` when given) and recorded in the manifest."""
-    relpath = report_path(report["method"], report.get("dtype", "fp32"))
+    """`eval/<method>.json` (whatever its dtype: the report says which), written atomically
+    (into `staging` when given) and recorded in the manifest."""
+    relpath = report_path(report["method"])
     if staging is not None:
         staging.write_json(relpath, report)
         return relpath

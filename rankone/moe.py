@@ -111,11 +111,13 @@ class RankOneMLP(nn.Module):
         return top_p_gate(alpha, self.select)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The fused path (`fused_expert_linear`); the plain path where it does not apply."""
+        """The fused path (`fused_expert_linear`), or merged weights for large per-batch batches; else the plain path."""
         fused = self._fused_weights()
         if fused is None:
             return self.plain_forward(x)
         gate = self.expert_weights(x).unsqueeze(self.token_dim)
+        if self.routing == "per-batch" and not (torch.is_grad_enabled() and gate.requires_grad) and merging_pays(x, self.c_fc):
+            return batch_merged_forward(self, x, gate.reshape(-1, gate.shape[-1])[0])
         hidden = self.gelu(fused_expert_linear(x, fused[0], fused[1], self.fc_u, gate))
         return fused_expert_linear(hidden, fused[2], fused[3], self.proj_u, gate)
 
@@ -181,6 +183,21 @@ def fused_expert_linear(
         return torch.addmm(base.reshape(-1, out_features), gated, pool_u.T).view(*x.shape[:-1], out_features)
     rows = flat.view(-1, flat.shape[-1])[:, :out_features]
     return rows.addmm_(gated, pool_u.T).view(*x.shape[:-1], out_features)
+
+
+def merging_pays(x: torch.Tensor, linear: nn.Linear) -> bool:
+    """One gate for the whole batch: building W = W0 + U·diag(α')·V̂ᵀ costs T·k·in·out per matrix,
+    the low-rank path T·k·(in + out) per token, so merging is cheaper past in·out/(in + out) tokens."""
+    tokens = x.numel() // x.shape[-1]
+    return tokens * (linear.in_features + linear.out_features) > linear.in_features * linear.out_features
+
+
+def batch_merged_forward(mlp: "RankOneMLP", x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """Per-batch routing without autograd: merge the gated experts into W0 once, then a static MLP."""
+    weight_fc = torch.addmm(mlp.c_fc.weight, mlp.fc_u * gate, mlp.fc_v.T)
+    weight_proj = torch.addmm(mlp.c_proj.weight, mlp.proj_u * gate, mlp.proj_v.T)
+    hidden = mlp.gelu(torch.nn.functional.linear(x, weight_fc, mlp.c_fc.bias))
+    return torch.nn.functional.linear(hidden, weight_proj, mlp.c_proj.bias)
 
 
 def routed_model(

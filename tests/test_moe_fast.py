@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rankone.models import visual_state
-from rankone.moe import RankOneMLP, rankone_mlps, router_parameters, routed_model, set_routing
+from rankone.moe import RankOneMLP, merging_pays, rankone_mlps, router_parameters, routed_model, set_routing
 from rankone.pool import build_pool, static_part
 
 TASKS = ["alpha", "beta", "gamma"]
@@ -125,3 +125,37 @@ def test_set_routing_applies_to_the_fused_path(tiny_architecture, base_state, ex
     set_routing(model, None, "per-batch")
     with torch.inference_mode():
         torch.testing.assert_close(model(images()), plain_copy(model)(images()), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("batch", [1, 40])
+def test_per_batch_routing_with_merged_weights_equals_plain(batch):
+    """Past in·out/(in+out) tokens per-batch routing merges the experts into W0 once; below it stays low-rank."""
+    torch.manual_seed(1)
+    d, hidden, experts = 8, 32, 12
+    mlp = RankOneMLP(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d), torch.randn(hidden, experts), torch.randn(d, experts) / d,
+                     torch.randn(d, experts), torch.randn(hidden, experts) / hidden, lam=0.3, select=0.75, routing="per-batch",
+                     batch_first=True).double()
+    for parameter in (mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias):
+        parameter.requires_grad_(False)
+    with torch.no_grad():
+        mlp.router.weight.normal_(0.0, 0.5)
+    x = torch.randn(batch, 3, d, dtype=torch.float64)
+    assert merging_pays(x, mlp.c_fc) == (batch * 3 * (d + hidden) > d * hidden)
+    with torch.inference_mode():
+        torch.testing.assert_close(mlp(x), mlp.plain_forward(x), atol=1e-10, rtol=0)
+    # With autograd on the router the low-rank path runs, and gives the same gradients.
+    mlp(x).sum().backward()
+    fused_grad = mlp.router.weight.grad.clone()
+    mlp.router.weight.grad = None
+    mlp.plain_forward(x).sum().backward()
+    torch.testing.assert_close(fused_grad, mlp.router.weight.grad, atol=1e-10, rtol=0)
+
+
+def test_fused_buffers_share_the_base_weights_storage(tiny_architecture, base_state, expert_states):
+    model = tiny_model(tiny_architecture, base_state, expert_states)
+    with torch.inference_mode():
+        model(images())
+    for mlp in rankone_mlps(model):
+        for linear, pool_v in ((mlp.c_fc, mlp.fc_v), (mlp.c_proj, mlp.proj_v)):
+            # W0 lives in the first rows of [W0; V̂ᵀ]: the fusion adds one copy of V̂, not of W0.
+            assert linear.weight.untyped_storage().nbytes() == (linear.weight.numel() + pool_v.numel()) * linear.weight.element_size()
