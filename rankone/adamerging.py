@@ -187,24 +187,17 @@ def adapt_adamerging(workspace: Workspace, options) -> str:
 
     `options` is adapt.AdaptOptions; a learning rate of None means 1e-3 (AdaMerging's).
     """
-    from rankone.adapt import adapt_with_checkpoints, classify_with, head_requests, selected_tasks, task_heads, unlabeled_sets
-    from rankone.models import preprocess_for
+    from rankone.adapt import adapt_with_checkpoints, adaptation_inputs, classify_with, save_adapted, task_heads
 
     if options.lr is None:
         options.lr = DEFAULT_LR
     known = workspace.tasks
-    tasks = selected_tasks(known, options.tasks)
-    requests = head_requests(workspace, tasks, options.heads_source, options.classnames_from, options.classnames, options.templates)
-    unlabeled = unlabeled_sets(options.data, tasks, preprocess_for(workspace.architecture))
+    inputs = adaptation_inputs(workspace, options, known)
     model = adamerging_from_workspace(workspace, options.device, trained=False)
-    heads = task_heads(workspace, requests, options.device)
+    heads = task_heads(workspace, inputs.requests, options.device)
     config = {"method": "adamerging", "seed": options.seed, "lr": options.lr, "batch_size": options.batch_size,
-              "tasks": known, "adapted_on": tasks, "init": INITIAL_COEFFICIENT}
+              "tasks": known, "adapted_on": inputs.tasks, "init": INITIAL_COEFFICIENT}
     losses = adapt_with_checkpoints(workspace, "adamerging", classify_with(model, heads), [model.coefficients],
-                                    unlabeled, options, config)
-    metadata = {**config, "steps": options.steps, "groups": model.groups,
-                "heads": {task: {"classnames": names, "templates": templates} for task, (names, templates) in requests.items()},
-                "losses": losses}
-    with workspace.transaction() as staging:
-        staging.save_tensors(ADAPTED_COEFFICIENTS, {COEFFICIENTS: model.coefficients.detach()}, {"rankone": json.dumps(metadata)})
-    return ADAPTED_COEFFICIENTS
+                                    inputs.unlabeled, options, config)
+    return save_adapted(workspace, ADAPTED_COEFFICIENTS, {COEFFICIENTS: model.coefficients.detach()}, config, options,
+                        inputs.requests, losses, groups=model.groups)

@@ -387,6 +387,43 @@ def classify_with(encode: Callable[[Tensor], Tensor], heads: dict[str, Tensor]) 
     return lambda images, task: classify_logits(encode(images), heads[task])
 
 
+@dataclass
+class AdaptationInputs:
+    """What every adaptive method needs before it builds its model."""
+
+    tasks: list[str]  # the tasks adapted on (--tasks, default all)
+    requests: HeadRequests
+    unlabeled: dict[str, Dataset]
+
+
+def adaptation_inputs(workspace: Workspace, options: AdaptOptions, known: list[str]) -> AdaptationInputs:
+    """Tasks, head requests and unlabeled datasets, all checked before any model is built."""
+    from rankone.models import preprocess_for
+
+    tasks = selected_tasks(known, options.tasks)
+    requests = head_requests(workspace, tasks, options.heads_source, options.classnames_from, options.classnames, options.templates)
+    unlabeled = unlabeled_sets(options.data, tasks, preprocess_for(workspace.architecture), known=known)
+    return AdaptationInputs(tasks, requests, unlabeled)
+
+
+def save_adapted(
+    workspace: Workspace,
+    relpath: str,
+    tensors: dict[str, Tensor],
+    config: dict[str, Any],
+    options: AdaptOptions,
+    requests: HeadRequests,
+    losses: list[float],
+    **extra: Any,
+) -> str:
+    """Write the trained tensors with what made them (config, steps, heads, losses) as metadata."""
+    heads = {task: {"classnames": names, "templates": templates} for task, (names, templates) in requests.items()}
+    metadata = {**config, "steps": options.steps, **extra, "heads": heads, "losses": losses}
+    with workspace.transaction() as staging:
+        staging.save_tensors(relpath, tensors, {"rankone": json.dumps(metadata)})
+    return relpath
+
+
 # ---- RankOne-MoE ------------------------------------------------------------------------
 
 ADAPTED_ROUTERS = "adapted/rankone.safetensors"
@@ -394,30 +431,23 @@ ADAPTED_ROUTERS = "adapted/rankone.safetensors"
 
 def adapt_rankone(workspace: Workspace, options: AdaptOptions) -> str:
     """Train the routers of the routed model built from pool.safetensors; write adapted/rankone.safetensors."""
-    from rankone.models import preprocess_for
     from rankone.moe import check_routing, check_select, routed_model, router_parameters, router_state
     from rankone.pool import read_pool
 
     check_select(options.select)
     check_routing(options.routing)
     stored = read_pool(workspace)
-    tasks = selected_tasks(stored.tasks, options.tasks)
-    requests = head_requests(workspace, tasks, options.heads_source, options.classnames_from, options.classnames, options.templates)
-    unlabeled = unlabeled_sets(options.data, tasks, preprocess_for(workspace.architecture), known=stored.tasks)
+    inputs = adaptation_inputs(workspace, options, stored.tasks)
     config = {"method": "rankone", "seed": options.seed, "lr": options.lr, "batch_size": options.batch_size,
-              "select": options.select, "routing": options.routing, "tasks": tasks, "k": stored.k, "lambda": stored.lam}
+              "select": options.select, "routing": options.routing, "tasks": inputs.tasks, "k": stored.k, "lambda": stored.lam}
     resume = resume_state(workspace, "rankone", options, config)
     # Router initial noise comes from the seed too, so runs (and resumed runs) start from the same routers.
     model = routed_model(workspace.architecture, stored.static, stored.pool, stored.lam, options.select,
                          options.routing, stored.tasks, seed=options.seed).to(options.device)
-    heads = task_heads(workspace, requests, options.device)
+    heads = task_heads(workspace, inputs.requests, options.device)
     losses = adapt_with_checkpoints(workspace, "rankone", classify_with(model, heads), router_parameters(model),
-                                    unlabeled, options, config, resume)
-    metadata = {**config, "steps": options.steps, "heads": {task: {"classnames": names, "templates": templates}
-                                                             for task, (names, templates) in requests.items()}, "losses": losses}
-    with workspace.transaction() as staging:
-        staging.save_tensors(ADAPTED_ROUTERS, router_state(model), {"rankone": json.dumps(metadata)})
-    return ADAPTED_ROUTERS
+                                    inputs.unlabeled, options, config, resume)
+    return save_adapted(workspace, ADAPTED_ROUTERS, router_state(model), config, options, inputs.requests, losses)
 
 
 ADAPT_METHODS: dict[str, Callable[[Workspace, AdaptOptions], str]] = {"rankone": adapt_rankone}

@@ -253,25 +253,18 @@ def adapt_wemoe(workspace: Workspace, options) -> str:
     `options` is adapt.AdaptOptions; a learning rate of None means 1e-4. The model merges
     every workspace task; `options.tasks` only picks the tasks whose images it adapts on.
     """
-    from rankone.adapt import adapt_with_checkpoints, classify_with, head_requests, selected_tasks, task_heads, unlabeled_sets
+    from rankone.adapt import adapt_with_checkpoints, adaptation_inputs, classify_with, save_adapted, task_heads
     from rankone.merge import DEFAULT_LAMBDA
-    from rankone.models import preprocess_for
 
     if options.lr is None:
         options.lr = DEFAULT_LR
     known = workspace.tasks
-    tasks = selected_tasks(known, options.tasks)
-    requests = head_requests(workspace, tasks, options.heads_source, options.classnames_from, options.classnames, options.templates)
-    unlabeled = unlabeled_sets(options.data, tasks, preprocess_for(workspace.architecture))
+    inputs = adaptation_inputs(workspace, options, known)
     # Router initial noise comes from the seed, so runs (and resumed runs) start from the same routers.
     model = wemoe_from_workspace(workspace, options.device, trained=False, seed=options.seed)
-    heads = task_heads(workspace, requests, options.device)
+    heads = task_heads(workspace, inputs.requests, options.device)
     config = {"method": "wemoe", "seed": options.seed, "lr": options.lr, "batch_size": options.batch_size,
-              "tasks": known, "adapted_on": tasks, "lambda": DEFAULT_LAMBDA}
+              "tasks": known, "adapted_on": inputs.tasks, "lambda": DEFAULT_LAMBDA}
     losses = adapt_with_checkpoints(workspace, "wemoe", classify_with(model, heads), router_parameters(model),
-                                    unlabeled, options, config)
-    metadata = {**config, "steps": options.steps, "losses": losses,
-                "heads": {task: {"classnames": names, "templates": templates} for task, (names, templates) in requests.items()}}
-    with workspace.transaction() as staging:
-        staging.save_tensors(ADAPTED_ROUTERS, router_state(model), {"rankone": json.dumps(metadata)})
-    return ADAPTED_ROUTERS
+                                    inputs.unlabeled, options, config)
+    return save_adapted(workspace, ADAPTED_ROUTERS, router_state(model), config, options, inputs.requests, losses)
