@@ -32,6 +32,33 @@ WorkspaceOption = Annotated[
 DeviceOption = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
 DEFAULT_WORKSPACE = Path("rankone-work")
 
+# Options that several commands share, declared once so flags and help read the same everywhere.
+TasksOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--tasks", "-t", help="Tasks: --tasks a b, --tasks a,b (default: every workspace task)."),
+]
+LabeledDataOption = Annotated[
+    Optional[Path], typer.Option("--data", help="Labeled test images DIR/<task>/<class>/<image> (default: WORKSPACE/data).")
+]
+HeadsSourceOption = Annotated[
+    str,
+    typer.Option(
+        "--heads-source",
+        help="builtin (class names from the data folders or files, rankone's templates) or fusionbench "
+        "(FusionBench's lists; needed for its checkpoints).",
+    ),
+]
+ClassnamesOption = Annotated[
+    Optional[list[str]], typer.Option("--classnames", help="Class names, one per line: FILE (one task) or TASK=FILE; repeatable.")
+]
+TemplatesOption = Annotated[
+    Optional[list[str]], typer.Option("--templates", help="Templates with {}, one per line: FILE (one task) or TASK=FILE; repeatable.")
+]
+BatchSizeOption = Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")]
+DtypeOption = Annotated[
+    str, typer.Option("--dtype", help="Precision the image encoder runs in: fp32, fp16 or bf16 (heads and logits stay fp32).")
+]
+
 
 def parse_pairs(values: list[str], option: str) -> dict[str, str]:
     """`TASK=VALUE` pairs from a repeated option, in the order given."""
@@ -44,6 +71,23 @@ def parse_pairs(values: list[str], option: str) -> dict[str, str]:
             raise RankoneError(f"{option}: task {name!r} given twice")
         pairs[name] = rest
     return pairs
+
+
+def _split_tasks(values: Optional[list[str]]) -> Optional[list[str]]:
+    if not values:
+        return None
+    return [task for value in values for task in value.split(",") if task]
+
+
+def _chosen_tasks(ctx: typer.Context, tasks: Optional[list[str]], workspace, command: str) -> list[str]:
+    """`--tasks a b` (the extra words typer leaves in ctx.args), `--tasks a,b`, or every workspace task."""
+    extra = list(ctx.args)
+    if extra and not tasks:
+        raise RankoneError(f"{command}: unexpected argument {extra[0]!r} (tasks go after --tasks)")
+    for value in extra:
+        if value.startswith("-"):
+            raise RankoneError(f"{command}: unknown option {value!r}")
+    return _split_tasks((tasks or []) + extra) or workspace.tasks
 
 
 def _print_version(value: bool) -> None:
@@ -227,13 +271,13 @@ def _per_task_lists(values: list[str] | None, option: str, tasks: list[str], wha
 def eval_command(
     ctx: typer.Context,
     method: Annotated[str, typer.Option("--method", "-m", help="pretrained, individual, weight-averaging, task-arithmetic, ties, dare, rankone, adamerging, wemoe or perfect-router.")],
-    tasks: Annotated[Optional[list[str]], typer.Option("--tasks", "-t", help="Tasks to evaluate: --tasks a b, --tasks a,b (default: every workspace task).")] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Labeled test images DIR/<task>/<class>/<image> (default: WORKSPACE/data).")] = None,
-    heads_source: Annotated[str, typer.Option("--heads-source", help="builtin (class names from the data folders, rankone's templates) or fusionbench (FusionBench's lists; needed for its checkpoints).")] = "builtin",
-    classnames: Annotated[Optional[list[str]], typer.Option("--classnames", help="Class names, one per line: FILE (one task) or TASK=FILE; repeatable.")] = None,
-    templates: Annotated[Optional[list[str]], typer.Option("--templates", help="Templates with {}, one per line: FILE (one task) or TASK=FILE; repeatable.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
-    dtype: Annotated[str, typer.Option("--dtype", help="Precision the image encoder runs in: fp32, fp16 or bf16 (heads and logits stay fp32).")] = "fp32",
+    tasks: TasksOption = None,
+    data: LabeledDataOption = None,
+    heads_source: HeadsSourceOption = "builtin",
+    classnames: ClassnamesOption = None,
+    templates: TemplatesOption = None,
+    batch_size: BatchSizeOption = 64,
+    dtype: DtypeOption = "fp32",
     workspace: WorkspaceOption = DEFAULT_WORKSPACE,
     device: DeviceOption = "auto",
 ) -> None:
@@ -253,14 +297,8 @@ def eval_command(
     from rankone.workspace import Workspace
 
     resolve_dtype(dtype)
-    extra = list(ctx.args)
-    if extra and not tasks:
-        raise RankoneError(f"eval: unexpected argument {extra[0]!r} (tasks go after --tasks)")
-    for value in extra:
-        if value.startswith("-"):
-            raise RankoneError(f"eval: unknown option {value!r}")
     work = Workspace(workspace)
-    chosen = [name for value in (tasks or []) + extra for name in value.split(",") if name] or work.tasks
+    chosen = _chosen_tasks(ctx, tasks, work, "eval")
     check_tasks(work, chosen)
     resolved = resolve_device(device)
     if dtype == "fp16" and resolved.type == "cpu":
@@ -314,12 +352,6 @@ def _parse_select(value: str) -> float | None:
         return float(value)
     except ValueError:
         raise RankoneError(f"--select {value!r}: expected a number in (0, 1] or `off`") from None
-
-
-def _split_tasks(values: Optional[list[str]]) -> Optional[list[str]]:
-    if not values:
-        return None
-    return [task for value in values for task in value.split(",") if task]
 
 
 def _step_progress(description: str, total: int):
@@ -387,7 +419,7 @@ def adapt(
     tasks: Annotated[Optional[list[str]], typer.Option("--tasks", help="Tasks to adapt on (repeat or comma-separate); default all.")] = None,
     save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps (0: never).")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
-    heads_source: Annotated[str, typer.Option("--heads-source", help="builtin (class names from folders or files, rankone's templates) or fusionbench (FusionBench's lists).")] = "builtin",
+    heads_source: HeadsSourceOption = "builtin",
     classnames_from: Annotated[Optional[Path], typer.Option("--classnames-from", help="Labeled folder DIR/<task>/<class>/ to take class names from.")] = None,
     classnames: Annotated[Optional[list[str]], typer.Option("--classnames", help="TASK=FILE, one class name per line; repeatable.")] = None,
     templates: Annotated[Optional[list[str]], typer.Option("--templates", help="TASK=FILE, one template with {} per line; repeatable.")] = None,
@@ -489,14 +521,14 @@ def predict(
 @app.command("compare", context_settings={"allow_extra_args": True})
 def compare_command(
     ctx: typer.Context,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Labeled test images DIR/<task>/<class>/<image> (default: WORKSPACE/data).")] = None,
-    tasks: Annotated[Optional[list[str]], typer.Option("--tasks", "-t", help="Tasks (columns): --tasks a b, --tasks a,b (default: every workspace task).")] = None,
+    data: LabeledDataOption = None,
+    tasks: TasksOption = None,
     methods: Annotated[Optional[list[str]], typer.Option("--methods", help="Only these methods (rows), comma-separated or repeated (default: every one that can run).")] = None,
-    heads_source: Annotated[str, typer.Option("--heads-source", help="builtin or fusionbench, as for `rankone eval`.")] = "builtin",
-    classnames: Annotated[Optional[list[str]], typer.Option("--classnames", help="Class names, one per line: FILE (one task) or TASK=FILE; repeatable.")] = None,
-    templates: Annotated[Optional[list[str]], typer.Option("--templates", help="Templates with {}, one per line: FILE (one task) or TASK=FILE; repeatable.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
-    dtype: Annotated[str, typer.Option("--dtype", help="Precision the image encoders run in: fp32, fp16 or bf16, as for `rankone eval`.")] = "fp32",
+    heads_source: HeadsSourceOption = "builtin",
+    classnames: ClassnamesOption = None,
+    templates: TemplatesOption = None,
+    batch_size: BatchSizeOption = 64,
+    dtype: DtypeOption = "fp32",
     workspace: WorkspaceOption = DEFAULT_WORKSPACE,
     device: DeviceOption = "auto",
 ) -> None:
@@ -517,15 +549,8 @@ def compare_command(
     from rankone.workspace import Workspace
 
     resolve_dtype(dtype)
-
-    extra = list(ctx.args)
-    if extra and not tasks:
-        raise RankoneError(f"compare: unexpected argument {extra[0]!r} (tasks go after --tasks)")
-    for value in extra:
-        if value.startswith("-"):
-            raise RankoneError(f"compare: unknown option {value!r}")
     work = Workspace(workspace)
-    chosen = _split_tasks((tasks or []) + extra) or work.tasks
+    chosen = _chosen_tasks(ctx, tasks, work, "compare")
     resolved = resolve_device(device)
     summary = compare(
         work, data if data is not None else work.path("data"), chosen, _split_tasks(methods),
