@@ -166,23 +166,50 @@ def fuse_base_and_pool(weight: torch.Tensor, bias: torch.Tensor, pool_v: torch.T
     return fused_weight, fused_bias
 
 
+class _FusedExpertLinear(torch.autograd.Function):
+    """Forward: one GEMM for [W0; V̂ᵀ], the expert product accumulated in place into the base rows.
+
+    Backward by hand, because autograd's slice backward would zero-fill and copy a full
+    (tokens × (out + T·k)) gradient twice per call. Only x and the gate get gradients: W0,
+    V̂ and U are frozen (`RankOneMLP._fused_weights` falls back to the plain path otherwise).
+    """
+
+    @staticmethod
+    def forward(ctx, x, fused_weight, fused_bias, pool_u, gate):
+        out_features, experts = pool_u.shape
+        flat = torch.nn.functional.linear(x, fused_weight, fused_bias)
+        projected = flat[..., out_features:]
+        rows = flat.view(-1, flat.shape[-1])[:, :out_features]
+        rows.addmm_((projected * gate).reshape(-1, experts), pool_u.T)
+        ctx.save_for_backward(projected, gate, fused_weight, pool_u)
+        return rows.view(*x.shape[:-1], out_features)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        projected, gate, fused_weight, pool_u = ctx.saved_tensors
+        out_features, experts = pool_u.shape
+        grad_rows = grad_output.reshape(-1, out_features)
+        grad_gated = (grad_rows @ pool_u).view(projected.shape)
+        grad_x = grad_gate = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(grad_rows, fused_weight[:out_features])
+            grad_x.addmm_((grad_gated * gate).reshape(-1, experts), fused_weight[out_features:])
+            grad_x = grad_x.view(*projected.shape[:-1], -1)
+        if ctx.needs_input_grad[4]:
+            grad_gate = (grad_gated * projected).sum_to_size(gate.shape)
+        return grad_x, None, None, None, grad_gate
+
+
 def fused_expert_linear(
     x: torch.Tensor, fused_weight: torch.Tensor, fused_bias: torch.Tensor, pool_u: torch.Tensor, gate: torch.Tensor
 ) -> torch.Tensor:
-    """x·W0ᵀ + b + ((x·V̂) ⊙ gate)·Uᵀ with the first two GEMMs as one and the last one accumulating in place.
+    """x·W0ᵀ + b + ((x·V̂) ⊙ gate)·Uᵀ from `fuse_base_and_pool`'s [W0; V̂ᵀ] and [b; 0].
 
-    `gate` broadcasts against x's shape with width T·k (a size-1 token dimension). Without
-    autograd the expert product is added into the GEMM output's own rows (`addmm_`); with
-    autograd that in-place write would invalidate the saved projection, so it adds out of place.
+    `gate` broadcasts against x's shape with width T·k (a size-1 token dimension). W0, V̂
+    and U receive no gradients.
     """
-    out_features = pool_u.shape[0]
-    flat = torch.nn.functional.linear(x, fused_weight, fused_bias)
-    base, projected = flat[..., :out_features], flat[..., out_features:]
-    gated = (projected * gate).reshape(-1, pool_u.shape[1])
-    if torch.is_grad_enabled() and (gated.requires_grad or base.requires_grad):
-        return torch.addmm(base.reshape(-1, out_features), gated, pool_u.T).view(*x.shape[:-1], out_features)
-    rows = flat.view(-1, flat.shape[-1])[:, :out_features]
-    return rows.addmm_(gated, pool_u.T).view(*x.shape[:-1], out_features)
+    return _FusedExpertLinear.apply(x, fused_weight, fused_bias, pool_u, gate)
 
 
 def merging_pays(x: torch.Tensor, linear: nn.Linear) -> bool:

@@ -34,7 +34,7 @@ LAMBDA_GRID = (0.1, 0.2, 0.3, 0.4)
 class DemoSettings:
     k: int = 8
     select: float = 0.75
-    adapt_steps: int = 300
+    adapt_steps: int = 100
     adapt_batch_size: int = 16
     adapt_lr: float = 1e-3
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -88,17 +88,18 @@ class DemoResult:
 
 
 def _prepare_workspace(workspace: Workspace, zoo: Zoo) -> None:
-    """A workspace left by an earlier demo run is replaced; any other one is left alone."""
+    """A workspace left by an earlier demo run (of any example recipe) is replaced; any other one is left alone."""
     if not workspace.root.exists():
         return
     if workspace.exists():
         sources = workspace.manifest().get("sources", {})
-        if sources.get("base", {}).get("source") == str(zoo.base):
+        base_source = Path(str(sources.get("base", {}).get("source", "")))
+        if base_source.name == zoo.base.name and base_source.parent.parent == zoo.root.parent:
             shutil.rmtree(workspace.root)
             return
     elif not any(workspace.root.iterdir()):
         return
-    raise RankoneError(f"-w {workspace.root}: exists and was not made by `rankone demo` for this example; pass another -w")
+    raise RankoneError(f"-w {workspace.root}: exists and was not made by `rankone demo`; pass another -w")
 
 
 def run_demo(

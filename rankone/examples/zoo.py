@@ -40,7 +40,7 @@ FULL_RECIPE: dict[str, Any] = {
     "sizes": {"pretrain": 600, "finetune": 600, "test": 320, "unlabeled": 160},
     "pretrain": {"steps": 500, "batch_size": 128, "lr": 2e-3},
     # Gentler than FusionBench's 2000+ steps: smaller task vectors merge better at this scale.
-    "finetune": {"steps": 400, "lr": 5e-5, "batch_size": 32},
+    "finetune": {"steps": 600, "lr": 5e-5, "batch_size": 32},
 }
 
 QUICK_RECIPE: dict[str, Any] = {
