@@ -228,7 +228,7 @@ def every_stage_workspace(every_stage_template, tmp_path) -> Workspace:
     return Workspace(tmp_path / "every-stage")
 
 
-def write_open_clip_dir(folder: Path, state: dict[str, torch.Tensor], architecture: dict = TINY_ARCHITECTURE, pickle: bool = False) -> None:
+def write_open_clip_dir(folder: Path, state: dict[str, torch.Tensor], architecture: dict = TINY_ARCHITECTURE, pickle: bool = False) -> Path:
     """An open_clip model directory as the Hub keeps them (config + weights)."""
     import json
 
@@ -241,3 +241,4 @@ def write_open_clip_dir(folder: Path, state: dict[str, torch.Tensor], architectu
         torch.save(state, folder / "open_clip_pytorch_model.bin")
     else:
         save_file({key: value.contiguous() for key, value in state.items()}, folder / "open_clip_model.safetensors")
+    return folder

@@ -16,6 +16,8 @@ from rankone.methods import load_method
 from rankone.task_vectors import compute_task_vectors
 from rankone.workspace import Workspace
 
+from conftest import write_open_clip_dir
+
 TASKS = ["alpha", "beta", "gamma"]
 
 
@@ -132,19 +134,6 @@ def test_eval_rankone_like_every_method(adapted_workspace, labeled_data, rankone
         predicted = model.classify(torch.stack([dataset[i][0] for i in range(len(dataset))]), "gamma").argmax(-1)
     accuracy = 100.0 * float((predicted == torch.tensor(found.labels)).float().mean())
     assert report["tasks"]["gamma"]["accuracy"] == pytest.approx(accuracy)
-
-
-def write_open_clip_dir(folder: Path, state: dict[str, torch.Tensor]) -> Path:
-    """A model folder in open_clip's Hub layout: open_clip_config.json + open_clip_model.safetensors."""
-    from safetensors.torch import save_file
-
-    from conftest import TINY_ARCHITECTURE
-
-    folder.mkdir(parents=True)
-    config = {key: value for key, value in TINY_ARCHITECTURE.items() if key != "name"}
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "model_name": "tiny-test"}))
-    save_file({key: value.contiguous() for key, value in state.items()}, str(folder / "open_clip_model.safetensors"))
-    return folder
 
 
 def test_the_whole_cli_from_fetch_to_predict(tmp_path, base_state, expert_states, labeled_data, unlabeled_data, rankone_cli):
