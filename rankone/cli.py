@@ -710,8 +710,13 @@ def demo_command(
     Example: rankone demo --quick -w demo-work
     """
     import dataclasses
+    import importlib.util
 
     import torch
+
+    missing = [name for name in ("sklearn", "skimage", "matplotlib") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise RankoneError(f"demo: the example suite needs {', '.join(missing)}; install them with pip install 'rankone[examples]'")
 
     from rankone.examples.demo import FULL_SETTINGS, QUICK_SETTINGS, result_lines, run_demo, write_result_json
     from rankone.examples.zoo import build_zoo, recipe
