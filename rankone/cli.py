@@ -560,7 +560,7 @@ def compare_command(
         device=resolved, dtype=dtype, batch_size=batch_size, on_method=lambda name: error_console.print(f"[bold]{name}[/]"),
     )
     table = Table(title="top-1 accuracy (%)")
-    table.add_column("method")
+    table.add_column("method", no_wrap=True)
     for task in summary["tasks"]:
         table.add_column(task, justify="right")
     table.add_column("average", justify="right")
@@ -696,6 +696,7 @@ def finetune_command(
 def demo_command(
     quick: Annotated[bool, typer.Option("--quick", help="Toy sizes: the same stages in under 2 minutes.")] = False,
     seeds: Annotated[Optional[int], typer.Option("--seeds", help="RankOne-MoE adaptation seeds to average (default 3; 1 with --quick).")] = None,
+    zoo_path: Annotated[bool, typer.Option("--zoo-path", help="Only build (or reuse) the example zoo and print its folder, to run the stages by hand.")] = False,
     workspace: WorkspaceOption = DEFAULT_WORKSPACE,
     device: DeviceOption = "auto",
 ) -> None:
@@ -708,6 +709,8 @@ def demo_command(
     illustration of the method, not a reproduction of the paper's numbers.
 
     Example: rankone demo --quick -w demo-work
+
+    Example: ZOO=$(rankone demo --zoo-path)  # base/, experts/<task>/, data/{finetune,test,unlabeled}/
     """
     import dataclasses
     import importlib.util
@@ -745,6 +748,9 @@ def demo_command(
     finally:
         while bars:
             bars.pop().stop()
+    if zoo_path:
+        print(zoo.root)
+        return
     console.print(f"example zoo: {zoo.root} ({len(zoo.tasks)} tasks: {', '.join(zoo.tasks)})", highlight=False)
     result = run_demo(zoo, workspace, settings, device=device, say=lambda line: console.print(line, highlight=False, markup=False))
     for line in result_lines(result):
