@@ -159,7 +159,10 @@ def _templates(task: str) -> list[str] | None:
 def export(workspace: Workspace, out: Path, dtype: str = "fp32", device: torch.device | str = "cpu") -> dict[str, Any]:
     """Write `out/rankone.json` and `out/model.safetensors`; returns the JSON written.
 
-    `out` must not exist, be empty, or hold an earlier export (which is replaced).
+    `dtype` is the storage precision of the pool and the routers, the parts RankOne-MoE
+    adds; the tower, pretrained MLP weights and heads stay fp32 (issue 6: the artifact's
+    size against the fp32 tower). `out` must not exist, be empty, or hold an earlier export
+    (which is replaced).
     """
     from rankone.moe import parameter_counts
 
@@ -169,12 +172,17 @@ def export(workspace: Workspace, out: Path, dtype: str = "fp32", device: torch.d
         raise RankoneError(f"--out {out}: exists and is not an earlier export; choose another folder")
     model = load_workspace(workspace, device)
     visual_state = {f"visual.{name}": tensor for name, tensor in model.visual.state_dict().items()}
-    tensors = {_stored_name(name): tensor.to(DTYPES[dtype]) for name, tensor in visual_state.items()}
+    tensors = {}
+    for name, tensor in visual_state.items():
+        stored = _stored_name(name)
+        added = stored.endswith((".pool_u", ".pool_v")) or ".mlp.router." in stored
+        tensors[stored] = tensor.to(DTYPES[dtype] if added else torch.float32)
     for task in model.tasks:
-        tensors[HEAD_PREFIX + task] = model.head(task).to(DTYPES[dtype])
+        tensors[HEAD_PREFIX + task] = model.head(task).float()
     config = dict(model.config)
     config.update(
         dtype=dtype,
+        storage={"pool": dtype, "routers": dtype, "tower": "fp32", "heads": "fp32"},
         parameters={**parameter_counts(model.visual), "heads": sum(model.head(task).numel() for task in model.tasks)},
         versions=package_versions(),
     )
@@ -202,7 +210,11 @@ def _stored_name(name: str) -> str:
 
 
 def load_artifact(folder: Path, device: torch.device | str = "cpu", dtype: str | torch.dtype | None = None) -> RankOneClassifier:
-    """An exported folder as a classifier, in the dtype it was exported in unless `dtype` (fp32, fp16, bf16) is given."""
+    """An exported folder as a classifier; it computes in fp32 unless `dtype` (fp32, fp16, bf16) is given.
+
+    Pool and routers stored in half precision are widened on load, so a half export gives
+    the fp32 computation of the rounded experts.
+    """
     from rankone.moe import load_router_state, routed_model
 
     folder = Path(folder)
@@ -226,7 +238,7 @@ def load_artifact(folder: Path, device: torch.device | str = "cpu", dtype: str |
     load_router_state(visual, routers, str(weights))
     ordered = {task: heads[task] for task in config.get("head_tasks", list(heads)) if task in heads}
     model = RankOneClassifier(visual, ordered, config.get("classnames", {}), config)
-    compute_dtype = resolve_dtype(dtype) if dtype is not None else DTYPES.get(config.get("dtype"), torch.float32)
+    compute_dtype = resolve_dtype(dtype) if dtype is not None else torch.float32
     return model.to(device=device, dtype=compute_dtype).eval()
 
 

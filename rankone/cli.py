@@ -455,7 +455,7 @@ def adapt(
 @app.command()
 def export(
     out: Annotated[Path, typer.Option("--out", help="Folder to write rankone.json and model.safetensors to.")],
-    dtype: Annotated[str, typer.Option("--dtype", help="Precision of everything stored (tower, pool, routers, heads): fp32, fp16 or bf16.")] = "fp32",
+    dtype: Annotated[str, typer.Option("--dtype", help="Storage precision of the pool and routers: fp32, fp16 or bf16 (tower and heads stay fp32).")] = "fp32",
     workspace: WorkspaceOption = DEFAULT_WORKSPACE,
     device: DeviceOption = "auto",
 ) -> None:
@@ -478,7 +478,7 @@ def predict(
     task: Annotated[str, typer.Option("--task", help="Which task's classes to predict.")],
     top: Annotated[int, typer.Option("--top", help="How many classes to print.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Precision of the image tower: fp32, fp16 or bf16 (default: as exported; fp32 for a workspace).")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Precision the image tower computes in: fp32 (default), fp16 or bf16.")] = None,
     workspace: WorkspaceOption = DEFAULT_WORKSPACE,
     device: DeviceOption = "auto",
 ) -> None:

@@ -62,13 +62,6 @@ def test_export_load_classify_equals_the_workspace_model(tmp_path, adapted_works
         torch.testing.assert_close(exported.classify(batch, "beta"), 100 * torch.nn.functional.normalize(embedding, dim=-1) @ head.T)
     assert method.parameters == config["parameters"]["total"] == 41_240
 
-    code, _, err = rankone_cli("export", "-w", adapted_workspace.root, "--out", tmp_path / "half", "--dtype", "fp16")
-    assert code == 0, err
-    half = rankone.load(tmp_path / "half")
-    assert next(half.visual.parameters()).dtype == torch.float16 and half.head("beta").dtype == torch.float16
-    with torch.no_grad():
-        torch.testing.assert_close(half.to(dtype=torch.float32).classify(batch, "beta"), exported.classify(batch, "beta"), atol=0.05, rtol=0)
-    assert (tmp_path / "half" / WEIGHTS_FILE).stat().st_size < 0.6 * (out / WEIGHTS_FILE).stat().st_size
 
 
 def test_export_and_load_errors(tmp_path, adapted_workspace, tiny_workspace, rankone_cli):
@@ -171,37 +164,39 @@ def safetensors_header(path: Path) -> tuple[int, dict]:
 def test_half_precision_export_is_smaller_by_the_tensor_bytes_and_still_classifies(tmp_path, adapted_workspace, labeled_data, rankone_cli):
     from rankone.data import ImageDataset, labeled_images
 
-    sizes, numels = {}, {}
+    sizes, added_values = {}, {}
     for dtype, tag in (("fp32", "F32"), ("fp16", "F16"), ("bf16", "BF16")):
         code, _, err = rankone_cli("export", "-w", adapted_workspace.root, "--out", tmp_path / dtype, "--dtype", dtype)
         assert code == 0, err
         weights = tmp_path / dtype / WEIGHTS_FILE
         length, header = safetensors_header(weights)
         tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
-        # Pool, routers, static tower and heads: every tensor in the chosen precision.
-        assert {entry["dtype"] for entry in tensors.values()} == {tag}
-        assert any(name.endswith(".pool_u") for name in tensors) and any(".mlp.router." in name for name in tensors)
-        numels[dtype] = sum(torch.Size(entry["shape"]).numel() for entry in tensors.values())
+        added = {name for name in tensors if name.endswith((".pool_u", ".pool_v")) or ".mlp.router." in name}
+        assert any(name.endswith(".pool_u") for name in added) and any(".mlp.router." in name for name in added)
+        # Pool and routers in the chosen precision; tower, pretrained MLP weights and heads stay fp32.
+        assert {tensors[name]["dtype"] for name in added} == {tag}
+        assert {entry["dtype"] for name, entry in tensors.items() if name not in added} == {"F32"}
+        added_values[dtype] = sum(torch.Size(tensors[name]["shape"]).numel() for name in added)
         sizes[dtype] = weights.stat().st_size - 8 - length
-        assert weights.stat().st_size == 8 + length + numels[dtype] * (4 if dtype == "fp32" else 2)
-    assert numels["fp16"] == numels["bf16"] == numels["fp32"]
-    assert sizes["fp32"] - sizes["fp16"] == sizes["fp32"] - sizes["bf16"] == 2 * numels["fp32"]
+    assert added_values["fp16"] == added_values["bf16"] == added_values["fp32"]
+    assert sizes["fp32"] - sizes["fp16"] == sizes["fp32"] - sizes["bf16"] == 2 * added_values["fp32"]
 
     full = rankone.load(tmp_path / "fp32")
     for dtype in ("fp16", "bf16"):
         half = rankone.load(tmp_path / dtype)
-        assert next(half.visual.parameters()).dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        assert next(half.visual.parameters()).dtype == torch.float32
         for task in TASKS:
             found = labeled_images(labeled_data, task)
             dataset = ImageDataset(found.paths, found.labels, full.preprocess)
             pixels = torch.stack([dataset[index][0] for index in range(len(dataset))])
             with torch.no_grad():
                 logits, expected = half.classify(pixels, task), full.classify(pixels, task)
-            # Same bound and reason as HALF_LOGIT_TOLERANCE in test_evaluate.py; here the heads are rounded too.
+            # Only the experts and routers are rounded (8 or 11 significant bits); the bound
+            # follows HALF_LOGIT_TOLERANCE in test_evaluate.py, which rounds the whole tower.
             assert logits.dtype == torch.float32 and (logits - expected).abs().max() < 1.0
             assert torch.equal(logits.argmax(-1), expected.argmax(-1))
-    upcast = rankone.load(tmp_path / "bf16", dtype="fp32")
-    assert next(upcast.visual.parameters()).dtype == torch.float32
+    bf16_compute = rankone.load(tmp_path / "bf16", dtype="bf16")
+    assert next(bf16_compute.visual.parameters()).dtype == torch.bfloat16
     from rankone.errors import RankoneError
 
     with pytest.raises(RankoneError, match="--dtype 'fp64'"):
