@@ -41,6 +41,19 @@ def pool_keys(matrix_key: str) -> tuple[str, str]:
     return f"{stem}.pool_u", f"{stem}.pool_v"
 
 
+def exact_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top `rank` triplets (U, S, V) of a full SVD.
+
+    LAPACK's SVD of a wide matrix took about twice as long as that of its transpose here
+    (768 × 3072, c_proj's shape), so a wide matrix is decomposed as its tall transpose.
+    """
+    if matrix.shape[0] < matrix.shape[1]:
+        v, s, uh = torch.linalg.svd(matrix.T, full_matrices=False)
+        return uh[:rank].T, s[:rank], v[:, :rank]
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u[:, :rank], s[:rank], vh[:rank].T
+
+
 def randomized_svd(
     matrix: torch.Tensor, rank: int, oversample: int = 10, power_iterations: int = 4, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,8 +121,7 @@ def build_pool(
         for index, vector in enumerate(task_vectors):
             tau = vector[key].to(device, torch.float32)
             if svd == "exact":
-                u, s, vh = torch.linalg.svd(tau, full_matrices=False)
-                u, s, v = u[:, :k], s[:k], vh[:k].T
+                u, s, v = exact_svd(tau, k)
             else:
                 u, s, v = randomized_svd(tau, k, oversample, power_iterations, seed=seed + index)
             total = float(tau.double().pow(2).sum())
