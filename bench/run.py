@@ -184,13 +184,34 @@ def adaptation_step(models: dict, per_task_batches: dict[int, int]) -> list[dict
 
 # ---- 3. build-pool SVD -------------------------------------------------------------------
 
-def pool_svd(exact_blocks: int | None) -> list[dict]:
-    """`rankone.pool.build_pool` on eight dense random ViT-B/32 MLP task vectors (scale 1e-3), exact and randomized."""
+def decaying_matrix(shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """A dense matrix whose singular values fall off like i^(-1/2): (G1·diag(d))·G2, scale 1e-3.
+
+    Real fine-tuning deltas concentrate their energy in a few directions (that is what makes
+    a rank-one pool work); a pure Gaussian matrix has a flat spectrum, the worst case for a
+    randomized range finder.
+    """
+    rows, cols = shape
+    inner = min(rows, cols)
+    decay = torch.arange(1, inner + 1, dtype=torch.float32).rsqrt()
+    left = torch.randn(rows, inner, generator=generator) * decay
+    return (left @ torch.randn(inner, cols, generator=generator)).mul_(1e-3 / inner**0.5)
+
+
+def pool_svd(exact_blocks: int | None, spectrum: str = "decaying") -> list[dict]:
+    """`rankone.pool.build_pool` on eight dense random ViT-B/32 MLP task vectors, exact and randomized.
+
+    `spectrum`: "decaying" (singular values ∝ i^(-1/2), like real task vectors) or
+    "gaussian" (flat, the randomized SVD's worst case).
+    """
     _, base = random_base("ViT-B-32")
     keys = mlp_weight_keys(base)
-    log(f"pool: generating 8 dense task vectors over {len(keys)} MLP matrices")
+    log(f"pool: generating 8 dense {spectrum} task vectors over {len(keys)} MLP matrices")
     generator = torch.Generator().manual_seed(5)
-    task_vectors = [{key: torch.randn(base[key].shape, generator=generator).mul_(1e-3) for key in keys} for _ in TASKS]
+    if spectrum == "gaussian":
+        task_vectors = [{key: torch.randn(base[key].shape, generator=generator).mul_(1e-3) for key in keys} for _ in TASKS]
+    else:
+        task_vectors = [{key: decaying_matrix(base[key].shape, generator) for key in keys} for _ in TASKS]
     del base
     blocks = len(keys) // 2
     subset = blocks if exact_blocks is None else min(exact_blocks, blocks)
@@ -205,7 +226,7 @@ def pool_svd(exact_blocks: int | None) -> list[dict]:
         _, kept = build_pool(vectors, K, svd, tasks=TASKS)
         seconds = time.perf_counter() - began
         results[svd] = kept
-        rows.append({"svd": svd, "matrices": len(chosen), "tasks": len(TASKS), "seconds": seconds,
+        rows.append({"svd": svd, "spectrum": spectrum, "matrices": len(chosen), "tasks": len(TASKS), "seconds": seconds,
                      "seconds_for_all_blocks": seconds * len(keys) / len(chosen), "extrapolated": len(chosen) < len(keys),
                      "kept_energy_mean": sum(sum(v) for v in kept.values()) / (len(kept) * len(TASKS)), "load_before": load})
     # Kept energy, randomized against exact, on the matrices both ran.
@@ -214,6 +235,30 @@ def pool_svd(exact_blocks: int | None) -> list[dict]:
     for row in rows:
         row["kept_energy_max_relative_gap"] = max(relative)
         row["compared_matrices"] = len(subset_keys)
+    return rows
+
+
+# ---- 4. artifact size ----------------------------------------------------------------------
+
+def artifact_sizes(models: dict) -> list[dict]:
+    """Bytes of `rankone export`'s model.safetensors (heads left out) per storage dtype, against the fp32 tower."""
+    import tempfile
+
+    from rankone.artifact import RankOneClassifier, artifact_tensors
+    from rankone.models import build_visual
+    from rankone.workspace import save_tensors_atomic
+
+    tower_bytes = sum(tensor.numel() * 4 for tensor in build_visual(models["architecture"]).state_dict().values())
+    classifier = RankOneClassifier(models["routed"], {}, {}, {})
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for dtype in ("fp32", "fp16", "bf16"):
+            path = Path(folder) / f"{dtype}.safetensors"
+            save_tensors_atomic(path, artifact_tensors(classifier, dtype))
+            size = path.stat().st_size
+            rows.append({"dtype": dtype, "bytes": size, "tower_bytes": tower_bytes, "ratio_to_tower": size / tower_bytes})
+            log(f"artifact: {dtype} {size / 2**20:.1f} MiB, {size / tower_bytes:.3f}× the fp32 tower")
+            path.unlink()
     return rows
 
 
@@ -228,21 +273,23 @@ def table(results: dict) -> str:
         lines.append(f"| adapt step | ViT-B-32, {row['per_task_batch']}/task × 8 | {row['model']} ({memory}) | {row['median_s'] * 1e3:.0f} ms | {row['ratio_to_static']:.2f}× | {row['min_ratio_to_static']:.2f}× |")
     for row in results.get("pool", []):
         note = f", measured on {row['matrices']} matrices, scaled to all" if row["extrapolated"] else ""
-        lines.append(f"| build-pool | ViT-B-32, 8 tasks, k {K}{note} | {row['svd']} SVD (kept energy {row['kept_energy_mean']:.4f}) | {row['seconds_for_all_blocks']:.1f} s | – | energy gap {row['kept_energy_max_relative_gap']:.2%} |")
-    lines.append("| artifact size | – | (placeholder, measured elsewhere) | – | – | – |")
+        lines.append(f"| build-pool | ViT-B-32, 8 tasks, k {K}, {row.get('spectrum', 'gaussian')} τ{note} | {row['svd']} SVD (kept energy {row['kept_energy_mean']:.4f}) | {row['seconds_for_all_blocks']:.1f} s | – | energy gap {row['kept_energy_max_relative_gap']:.2%} |")
+    for row in results.get("artifact", []):
+        lines.append(f"| artifact size | ViT-B-32, 8 tasks, k {K}, pool and routers in {row['dtype']} | model.safetensors without heads | {row['bytes'] / 2**20:.1f} MiB | {row['ratio_to_tower']:.3f}× the fp32 tower | – |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="ViT-B/32 only, batches 1 and 16, few repeats")
-    parser.add_argument("--only", action="append", choices=["forward", "adapt", "pool"], help="run only these benchmarks")
+    parser.add_argument("--only", action="append", choices=["forward", "adapt", "pool", "artifact"], help="run only these benchmarks")
+    parser.add_argument("--spectrum", choices=["decaying", "gaussian"], default="decaying", help="singular-value profile of the build-pool task vectors")
     parser.add_argument("--large", action=argparse.BooleanOptionalAction, default=None, help="include ViT-L/14 (default: on unless --quick)")
     parser.add_argument("--exact-blocks", type=int, default=None, help="time exact SVD on the first N blocks and scale up (default 2, quick 1; 0 = all)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     setup_threads()
-    chosen = set(args.only or ["forward", "adapt", "pool"])
+    chosen = set(args.only or ["forward", "adapt", "pool", "artifact"])
     large = (not args.quick) if args.large is None else args.large
     exact_blocks = (1 if args.quick else 2) if args.exact_blocks is None else (args.exact_blocks or None)
     results: dict = {
@@ -252,8 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_start": load_average(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     began = time.perf_counter()
-    if "forward" in chosen or "adapt" in chosen:
+    if chosen & {"forward", "adapt", "artifact"}:
         models = build_models("ViT-B-32")
+        if "artifact" in chosen:
+            results["artifact"] = artifact_sizes(models)
         if "forward" in chosen:
             batches = {1: 5, 16: 2} if args.quick else {1: 15, 16: 4, 64: 2}
             results["forward"] = forward_latency(models, batches, {1: 2, 16: 1}, plain_batches=(1, 16))
@@ -265,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             results["forward"] += forward_latency(build_models("ViT-L-14"), {1: 2}, {}, plain_batches=())
             gc.collect()
     if "pool" in chosen:
-        results["pool"] = pool_svd(exact_blocks)
+        results["pool"] = pool_svd(exact_blocks, args.spectrum)
     results["load_average_end"] = load_average()
     results["wall_s"] = time.perf_counter() - began
     args.output.write_text(json.dumps(results, indent=2) + "\n")

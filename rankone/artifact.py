@@ -156,6 +156,18 @@ def _templates(task: str) -> list[str] | None:
         return None
 
 
+def artifact_tensors(model: "RankOneClassifier", dtype: str = "fp32") -> dict[str, Tensor]:
+    """The tensors of model.safetensors: pool and routers in `dtype`, everything else fp32."""
+    tensors = {}
+    for name, tensor in model.visual.state_dict().items():
+        stored = _stored_name(f"visual.{name}")
+        added = stored.endswith((".pool_u", ".pool_v")) or ".mlp.router." in stored
+        tensors[stored] = tensor.to(DTYPES[dtype] if added else torch.float32)
+    for task in model.tasks:
+        tensors[HEAD_PREFIX + task] = model.head(task).float()
+    return tensors
+
+
 def export(workspace: Workspace, out: Path, dtype: str = "fp32", device: torch.device | str = "cpu") -> dict[str, Any]:
     """Write `out/rankone.json` and `out/model.safetensors`; returns the JSON written.
 
@@ -171,14 +183,7 @@ def export(workspace: Workspace, out: Path, dtype: str = "fp32", device: torch.d
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_FILE).is_file())):
         raise RankoneError(f"--out {out}: exists and is not an earlier export; choose another folder")
     model = load_workspace(workspace, device)
-    visual_state = {f"visual.{name}": tensor for name, tensor in model.visual.state_dict().items()}
-    tensors = {}
-    for name, tensor in visual_state.items():
-        stored = _stored_name(name)
-        added = stored.endswith((".pool_u", ".pool_v")) or ".mlp.router." in stored
-        tensors[stored] = tensor.to(DTYPES[dtype] if added else torch.float32)
-    for task in model.tasks:
-        tensors[HEAD_PREFIX + task] = model.head(task).float()
+    tensors = artifact_tensors(model, dtype)
     config = dict(model.config)
     config.update(
         dtype=dtype,
