@@ -62,23 +62,13 @@ def pretrain_clip(
     seed: int = 0,
     device: torch.device | str = "cpu",
     on_step: Callable[[int, float], None] | None = None,
-    logit_scale: float | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Contrastive pretraining (open_clip.ClipLoss) from a seeded random init.
-
-    `logit_scale` fixes the contrastive temperature instead of learning it. Zero-shot heads
-    multiply cosines by SPEC's fixed 100, the value real CLIP ends its training at; a tiny
-    CLIP that learns its own scale stops near 15 and spreads its cosines ~7× wider, so its
-    zero-shot predictions at ×100 are nearly one-hot and entropy minimisation has no signal.
 
     Returns the full CLIP state dict (both towers) and the loss per step.
     """
     torch.manual_seed(seed)
     model = build_clip(architecture).to(device).train()
-    if logit_scale is not None:
-        with torch.no_grad():
-            model.logit_scale.fill_(float(np.log(logit_scale)))
-        model.logit_scale.requires_grad_(False)
     tokens = tokenizer_for(architecture)(captions)
     # Captions repeat (a template and a class name), so pairs that share a caption are all
     # positives: a soft InfoNCE target instead of open_clip.ClipLoss's identity.

@@ -38,7 +38,7 @@ FULL_RECIPE: dict[str, Any] = {
     # real CLIP on tasks its captions rarely describe, so fine-tuning has something to add.
     "held_out": ["greek", "fonts"],
     "sizes": {"pretrain": 600, "finetune": 600, "test": 320, "unlabeled": 160},
-    "pretrain": {"steps": 500, "batch_size": 128, "lr": 2e-3, "logit_scale": 100.0},
+    "pretrain": {"steps": 500, "batch_size": 128, "lr": 2e-3},
     # Gentler than FusionBench's 2000+ steps: smaller task vectors merge better at this scale.
     "finetune": {"steps": 600, "lr": 5e-5, "batch_size": 32},
 }
@@ -156,7 +156,6 @@ def build_zoo(
         base_state, pretrain_losses = tinyclip.pretrain_clip(
             architecture, torch.cat(images), captions, steps=settings["steps"], batch_size=settings["batch_size"],
             lr=settings["lr"], seed=seed, device=device, on_step=notify("pretraining the tiny CLIP", settings["steps"]),
-            logit_scale=settings.get("logit_scale"),
         )
         write_open_clip_dir(staging / "base", architecture, base_state, extra={"example_recipe": chosen})
 
