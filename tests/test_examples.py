@@ -136,9 +136,6 @@ def test_demo_quick_runs_every_stage_through_the_cli(tmp_path, monkeypatch):
 
 
 def test_demo_refuses_a_foreign_workspace(tiny_workspace, tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
-    from rankone.cli import app
     from rankone.errors import RankoneError
 
     monkeypatch.setenv("RANKONE_CACHE", str(tmp_path / "cache"))
