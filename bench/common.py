@@ -11,7 +11,6 @@ import copy
 import os
 import statistics
 import time
-import zlib
 from collections.abc import Callable
 
 import torch

@@ -80,7 +80,11 @@ def test_exported_model_roles(every_stage_workspace, tmp_path, rankone_cli):
     assert found["pool"].parameters == config["parameters"]["pool"]
     assert found["static"].parameters + found["pretrained MLP"].parameters == config["parameters"]["tower"]
     assert found["pretrained MLP"].tensors == 2 * 2  # c_fc and c_proj weights of two blocks
-    assert sum(row.nbytes for row in found.values()) == 2 * sum(t.numel() for t in tensors.values())  # fp16
+    # fp16 export: pool and routers in 2 bytes, the tower and heads in 4.
+    assert found["pool"].nbytes == 2 * found["pool"].parameters and found["routers"].nbytes == 2 * found["routers"].parameters
+    for role in ("static", "pretrained MLP", "heads"):
+        assert found[role].nbytes == 4 * found[role].parameters
+    assert sum(row.nbytes for row in found.values()) == sum(t.numel() * t.element_size() for t in tensors.values())
     code, out, err = rankone_cli("inspect", tmp_path / "model")
     assert code == 0 and "artifact" in out and "pretrained MLP" in out
 
