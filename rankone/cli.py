@@ -568,7 +568,8 @@ def compare_command(
     for row in summary["rows"]:
         cells = [f"{row['accuracy'][task]:.1f}" for task in summary["tasks"]]
         table.add_row(row["method"], *cells, f"{row['average']:.1f}", relative(row["parameters"], summary["tower_parameters"]))
-    console.print(table)
+    # One column per task: wider than 80 characters for many tasks, and truncated cells would hide numbers.
+    console.print(table, width=max(console.width, 50 + 11 * len(summary["tasks"])))
     console.print(f"parameters: image model, heads excluded, relative to the pretrained image tower ({summary['tower_parameters']:,})")
     console.print(f"wrote {work.path(COMPARE_JSON)}, {work.path(COMPARE_MARKDOWN)} and {len(summary['rows'])} reports in {work.path('eval')}")
 
