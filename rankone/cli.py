@@ -569,7 +569,7 @@ def compare_command(
         cells = [f"{row['accuracy'][task]:.1f}" for task in summary["tasks"]]
         table.add_row(row["method"], *cells, f"{row['average']:.1f}", relative(row["parameters"], summary["tower_parameters"]))
     # One column per task: wider than 80 characters for many tasks, and truncated cells would hide numbers.
-    console.print(table, width=max(console.width, 50 + 11 * len(summary["tasks"])))
+    Console(width=max(console.width, 50 + 11 * len(summary["tasks"]))).print(table)
     console.print(f"parameters: image model, heads excluded, relative to the pretrained image tower ({summary['tower_parameters']:,})")
     console.print(f"wrote {work.path(COMPARE_JSON)}, {work.path(COMPARE_MARKDOWN)} and {len(summary['rows'])} reports in {work.path('eval')}")
 
