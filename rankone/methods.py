@@ -53,21 +53,32 @@ def _pretrained(workspace: Workspace, method: str, device: torch.device) -> Meth
     return MethodModel(encoder_for_task=lambda task: encoder, parameters=count_parameters(base_visual), name=method)
 
 
-def _individual(workspace: Workspace, method: str, device: torch.device) -> MethodModel:
-    tasks = workspace.tasks
-    tower = count_parameters(visual_state(workspace.load_tensors("base.safetensors")))
+def one_task_at_a_time(tasks: list[str], method: str, build: Callable[[str], nn.Module]) -> Callable[[str], nn.Module]:
+    """`encoder_for_task` for methods with one tower per task, keeping one in memory at a time.
+
+    Evaluation goes task by task, so a T-task method never holds T towers at once.
+    """
     loaded: dict[str, nn.Module] = {}
 
     def encoder_for_task(task: str) -> nn.Module:
         if task not in tasks:
-            raise RankoneError(f"--method individual: no expert for task {task!r}; the workspace has {', '.join(tasks)}")
+            raise RankoneError(f"--method {method}: no expert for task {task!r}; the workspace has {', '.join(tasks)}")
         if task not in loaded:
-            # Only one expert in memory at a time: evaluation goes task by task.
             loaded.clear()
-            loaded[task] = visual_encoder(workspace.architecture, workspace.load_tensors(f"experts/{task}.safetensors"), device)
+            loaded[task] = build(task)
         return loaded[task]
 
-    return MethodModel(encoder_for_task=encoder_for_task, parameters=len(tasks) * tower, name=method)
+    return encoder_for_task
+
+
+def _individual(workspace: Workspace, method: str, device: torch.device) -> MethodModel:
+    tasks = workspace.tasks
+    tower = count_parameters(visual_state(workspace.load_tensors("base.safetensors")))
+
+    def build(task: str) -> nn.Module:
+        return visual_encoder(workspace.architecture, workspace.load_tensors(f"experts/{task}.safetensors"), device)
+
+    return MethodModel(encoder_for_task=one_task_at_a_time(tasks, method, build), parameters=len(tasks) * tower, name=method)
 
 
 def _static_merge(workspace: Workspace, method: str, device: torch.device) -> MethodModel:

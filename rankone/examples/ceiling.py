@@ -17,7 +17,7 @@ from rankone.workspace import Workspace
 
 def perfect_router_method(workspace: Workspace, method: str, device: torch.device):
     """methods.py loader for `rankone eval --method perfect-router` (needs `rankone build-pool`)."""
-    from rankone.methods import MethodModel, visual_encoder
+    from rankone.methods import MethodModel, one_task_at_a_time, visual_encoder
     from rankone.models import count_parameters, visual_state
     from rankone.pool import MLP_WEIGHT, POOL_FILE, read_pool
 
@@ -25,17 +25,11 @@ def perfect_router_method(workspace: Workspace, method: str, device: torch.devic
         raise RankoneError(f"{workspace.path(POOL_FILE)}: missing; run `rankone build-pool` first (its static part is the ceiling's)")
     stored = read_pool(workspace)
     tasks = workspace.tasks
-    loaded: dict[str, nn.Module] = {}
 
-    def encoder_for_task(task: str) -> nn.Module:
-        if task not in tasks:
-            raise RankoneError(f"--method {method}: no expert for task {task!r}; the workspace has {', '.join(tasks)}")
-        if task not in loaded:
-            loaded.clear()
-            expert = visual_state(workspace.load_tensors(f"experts/{task}.safetensors"))
-            tower = {key: (expert[key] if MLP_WEIGHT.match(key) else value) for key, value in stored.static.items()}
-            loaded[task] = visual_encoder(workspace.architecture, tower, device)
-        return loaded[task]
+    def build(task: str) -> nn.Module:
+        expert = visual_state(workspace.load_tensors(f"experts/{task}.safetensors"))
+        tower = {key: (expert[key] if MLP_WEIGHT.match(key) else value) for key, value in stored.static.items()}
+        return visual_encoder(workspace.architecture, tower, device)
 
     mlp = sum(value.numel() for key, value in stored.static.items() if MLP_WEIGHT.match(key))
-    return MethodModel(encoder_for_task=encoder_for_task, parameters=count_parameters(stored.static) + (len(tasks) - 1) * mlp, name=method)
+    return MethodModel(encoder_for_task=one_task_at_a_time(tasks, method, build), parameters=count_parameters(stored.static) + (len(tasks) - 1) * mlp, name=method)
