@@ -62,7 +62,7 @@ class RankOneClassifier(nn.Module):
             return self.visual(images.to(parameter.device, parameter.dtype))
 
     def classify(self, images: Tensor, task: str) -> Tensor:
-        """Logits 100 · normalize(embedding) @ headᵀ for `task`."""
+        """Logits normalize(embedding) @ headᵀ for `task` (the head carries the logit scale)."""
         from rankone.heads import classify_logits
 
         head = self.head(task)

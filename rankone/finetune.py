@@ -2,7 +2,7 @@
 
 This is the recipe behind FusionBench's CLIP checkpoints (and the task-arithmetic papers):
 the head is built once from the pretrained text tower and never changes, only the image
-tower trains, Adam at lr 1e-5 with batch 32, cross-entropy on `100 · normalize(emb) @ headᵀ`.
+tower trains, Adam at lr 1e-5 with batch 32, cross-entropy on `normalize(emb) @ headᵀ` (the head carries CLIP's logit scale, `heads.py`).
 The result is written as an open_clip model directory (`open_clip_config.json` +
 `open_clip_model.safetensors`), which `rankone fetch` accepts as an expert.
 """
@@ -23,6 +23,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch.utils.data import DataLoader, Dataset
 
 from rankone.errors import RankoneError
+from rankone.heads import classify_logits
 from rankone.models import VISUAL_PREFIX
 from rankone.sources import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS
 from rankone.workspace import save_tensors_atomic, write_json_atomic
@@ -65,14 +66,14 @@ def finetune_image_tower(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     visual = clip_model.visual.to(device).train()
-    head = F.normalize(head.detach().to(device, torch.float32), dim=-1)
+    head = head.detach().to(device, torch.float32)
     optimizer = torch.optim.Adam(visual.parameters(), lr=lr, weight_decay=weight_decay)
     losses: list[float] = []
     batches = _batches(dataset, batch_size, generator, num_workers)
     for step in range(steps):
         images, labels = next(batches)
         embeddings = visual(images.to(device))
-        logits = 100.0 * F.normalize(embeddings, dim=-1) @ head.T
+        logits = classify_logits(embeddings, head)
         loss = F.cross_entropy(logits, labels.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -149,7 +150,7 @@ def finetune_expert(
     `rankone fetch` both read it; its config records the task, class names and templates.
     """
     from rankone.data import ImageDataset, labeled_images
-    from rankone.heads import templates_for, template_strings, zero_shot_head
+    from rankone.heads import logit_scale, templates_for, template_strings, zero_shot_head
     from rankone.models import load_clip, preprocess_for, tokenizer_for
 
     out = Path(out)
@@ -158,7 +159,7 @@ def finetune_expert(
     labeled = labeled_images(data, task, classnames)
     templates = template_strings(templates if templates is not None else templates_for(task))
     clip_model = load_clip(architecture, base_state).to(device)
-    head = zero_shot_head(clip_model, tokenizer_for(architecture), labeled.classnames, templates, device)
+    head = zero_shot_head(clip_model, tokenizer_for(architecture), labeled.classnames, templates, device, logit_scale(base_state))
     dataset = ImageDataset(labeled.paths, labeled.labels, preprocess_for(architecture))
     tower, losses = finetune_image_tower(
         clip_model, head, dataset, steps=steps, lr=lr, batch_size=batch_size, seed=seed, device=device, on_step=on_step

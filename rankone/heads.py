@@ -2,7 +2,16 @@
 
 SPEC: a head is a (classes × embed_dim) matrix. For each class, every template is filled
 with the class name, embedded by the pretrained text tower and L2-normalised; the
-embeddings are averaged and normalised again. Logits are `100 · normalize(emb) @ headᵀ`.
+embeddings are averaged and normalised again. Logits are `s · normalize(emb) @ headᵀ`.
+
+s is the base model's own temperature, exp(logit_scale), as in CLIP's own forward and
+FusionBench's classifier. SPEC writes 100: that is exp(logit_scale) of every released CLIP
+(training clamps it there), so for those models nothing differs. A CLIP that learned a
+smaller scale (the built-in example's tiny CLIP learned 15) is read at its own scale:
+at a fixed 100 its predictions are near one-hot and entropy, the unlabeled objective of
+adaptation, stops measuring anything. The stored head carries s (head = s · unit head),
+so logits are `normalize(emb) @ headᵀ` wherever a head goes (evaluation, adaptation,
+the exported artifact).
 
 Class names and templates come from one of three places: the project's own template sets
 (`templates.json`, with class names from the data), FusionBench's lists (needed for heads
@@ -117,23 +126,46 @@ def fusionbench_classnames_and_templates(task: str) -> tuple[list[str], list[str
     return [str(classname) for classname in classnames], template_strings(templates, f"fusion-bench templates of {name}")
 
 
-def zero_shot_head(clip_model, tokenizer, classnames: Sequence[str], templates: Sequence[str], device: torch.device | str = "cpu") -> torch.Tensor:
-    """(classes × embed_dim) zero-shot head from `clip_model`'s text tower (already on `device`)."""
+# SPEC's scale, for a base checkpoint that does not carry its own logit_scale.
+DEFAULT_LOGIT_SCALE = 100.0
+
+
+def logit_scale(state_dict: dict[str, torch.Tensor]) -> float:
+    """exp(logit_scale) of a CLIP state dict; 100 when it has none."""
+    if "logit_scale" not in state_dict:
+        return DEFAULT_LOGIT_SCALE
+    return float(state_dict["logit_scale"].float().exp())
+
+
+def zero_shot_head(
+    clip_model, tokenizer, classnames: Sequence[str], templates: Sequence[str], device: torch.device | str = "cpu", scale: float | None = None
+) -> torch.Tensor:
+    """(classes × embed_dim) zero-shot head from `clip_model`'s text tower (already on `device`).
+
+    Rows are unit class embeddings times `scale` (default: the model's exp(logit_scale)).
+    """
     if not classnames:
         raise RankoneError("class names: none given")
     templates = template_strings(templates)
+    if scale is None:
+        scale = float(clip_model.logit_scale.detach().float().exp())
     with torch.no_grad():
         weights = build_zero_shot_classifier(clip_model, tokenizer, list(classnames), templates, device=device)
-    return weights.T.contiguous().float()
+    return (scale * weights.T.float()).contiguous()
 
 
 def classify_logits(image_embeddings: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
-    """100 · normalize(embedding) @ headᵀ."""
-    return 100.0 * F.normalize(image_embeddings.float(), dim=-1) @ head.to(image_embeddings.device).float().T
+    """normalize(embedding) @ headᵀ; the head carries the logit scale."""
+    return F.normalize(image_embeddings.float(), dim=-1) @ head.to(image_embeddings.device).float().T
+
+
+# Bumped when what a head file holds changes (2: rows carry the logit scale), so older cached heads are rebuilt.
+HEAD_FORMAT = 2
 
 
 def head_key(base_sha256: str, classnames: Sequence[str], templates: Sequence[str]) -> str:
-    payload = json.dumps({"base": base_sha256, "classnames": list(classnames), "templates": list(templates)}, ensure_ascii=False)
+    payload = json.dumps({"format": HEAD_FORMAT, "base": base_sha256, "classnames": list(classnames), "templates": list(templates)},
+                         ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
@@ -169,13 +201,16 @@ def heads_for_tasks(
             missing[task] = (list(classnames), templates, relpath)
     if missing:
         architecture = workspace.architecture
-        clip_model = load_clip(architecture, workspace.load_tensors("base.safetensors")).to(device)
+        base_state = workspace.load_tensors("base.safetensors")
+        scale = logit_scale(base_state)
+        clip_model = load_clip(architecture, base_state).to(device)
+        del base_state
         tokenizer = tokenizer_for(architecture)
         with contextlib.ExitStack() as stack:
             target = staging if staging is not None else stack.enter_context(workspace.transaction())
             for task, (classnames, templates, relpath) in missing.items():
-                head = zero_shot_head(clip_model, tokenizer, classnames, templates, device).cpu()
-                metadata = {"task": task, "classnames": json.dumps(classnames), "templates": json.dumps(templates)}
+                head = zero_shot_head(clip_model, tokenizer, classnames, templates, device, scale).cpu()
+                metadata = {"task": task, "classnames": json.dumps(classnames), "templates": json.dumps(templates), "logit_scale": str(scale)}
                 target.save_tensors(relpath, {HEAD_TENSOR: head}, metadata=metadata)
                 heads[task] = head
         del clip_model

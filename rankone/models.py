@@ -72,7 +72,7 @@ def dtype_support(dtype: torch.dtype, device: torch.device | str):
 class PrecisionEncoder(nn.Module):
     """An image encoder run in `dtype` whose embeddings come back in fp32.
 
-    Only the encoder runs in half precision. Heads and logits stay fp32: logits are 100·cos,
+    Only the encoder runs in half precision. Heads and logits stay fp32: logits are up to 100·cos,
     so bf16's 8-bit mantissa in the head product alone would move them by up to ~0.4, enough
     to swap near-tied classes, and that product costs nothing next to the encoder.
     """

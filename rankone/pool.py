@@ -41,10 +41,11 @@ def pool_keys(matrix_key: str) -> tuple[str, str]:
     return f"{stem}.pool_u", f"{stem}.pool_v"
 
 
-# Randomized SVD settings: on task vectors whose spectrum falls off like i^(-1/2), 4 power
-# iterations left the kept energy up to 0.19% below the exact SVD's; 6 bring it within 0.1%.
-OVERSAMPLE = 10
-POWER_ITERATIONS = 6
+# Randomized SVD setting. Block Krylov (Musco & Musco, NeurIPS 2015) keeps every power
+# iterate in the basis instead of only the last, so 3 iterations with a block of k columns
+# kept more energy (gap to exact ≤ 0.04% on a spectrum falling like i^(-1/2)) than 6 plain
+# power iterations with k + 10 columns (≤ 0.05%), for 60% of their multiplications.
+KRYLOV_ITERATIONS = 3
 
 
 def exact_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -61,25 +62,31 @@ def exact_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def randomized_svd(
-    matrix: torch.Tensor, rank: int, oversample: int = OVERSAMPLE, power_iterations: int = POWER_ITERATIONS, seed: int = 0
+    matrix: torch.Tensor, rank: int, iterations: int = KRYLOV_ITERATIONS, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Halko et al.'s range finder with re-orthonormalised power iterations.
+    """Top `rank` triplets (U, S, V) by randomized block Krylov iteration.
 
-    Returns (U, S, V) with `rank` columns; U·diag(S)·Vᵀ is the projection of `matrix` onto
-    the found range, so Σ S² is exactly the energy that rank-`rank` factorisation keeps.
-    Seeded with its own generator, so the pool does not depend on global RNG state.
+    The basis spans A·Ω, (A·Aᵀ)·A·Ω, …, (A·Aᵀ)^iterations·A·Ω for a Gaussian Ω of `rank`
+    columns; U·diag(S)·Vᵀ is the best rank-`rank` approximation of `matrix` within that
+    basis, so Σ S² is exactly the energy the factorisation keeps. When the basis would be
+    as wide as the matrix, the exact SVD is cheaper. Seeded with its own generator, so the
+    pool does not depend on global RNG state.
     """
     rows, cols = matrix.shape
-    width = min(rank + oversample, rows, cols)
+    if rank * (iterations + 1) >= min(rows, cols):
+        return exact_svd(matrix, rank)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    probe = torch.randn(cols, width, generator=generator, dtype=matrix.dtype).to(matrix.device)
-    basis, _ = torch.linalg.qr(matrix @ probe)
-    for _ in range(power_iterations):
-        # Re-orthonormalise between multiplications: otherwise small singular directions vanish in float32.
-        left, _ = torch.linalg.qr(matrix.T @ basis)
-        basis, _ = torch.linalg.qr(matrix @ left)
-    small_u, values, small_vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
-    return (basis @ small_u)[:, :rank], values[:rank], small_vh[:rank].T
+    probe = torch.randn(cols, rank, generator=generator, dtype=matrix.dtype).to(matrix.device)
+    block, _ = torch.linalg.qr(matrix @ probe)
+    blocks = [block]
+    for _ in range(iterations):
+        # Orthonormalise between multiplications: otherwise small singular directions vanish in float32.
+        left, _ = torch.linalg.qr(matrix.T @ block)
+        block, _ = torch.linalg.qr(matrix @ left)
+        blocks.append(block)
+    basis, _ = torch.linalg.qr(torch.cat(blocks, dim=1))
+    small_u, values, v = exact_svd(basis.T @ matrix, rank)
+    return basis @ small_u, values, v
 
 
 def build_pool(
@@ -88,8 +95,7 @@ def build_pool(
     svd: str = "exact",
     *,
     tasks: list[str] | None = None,
-    oversample: int = OVERSAMPLE,
-    power_iterations: int = POWER_ITERATIONS,
+    iterations: int = KRYLOV_ITERATIONS,
     seed: int = 0,
     progress=None,
     device: torch.device | str = "cpu",
@@ -129,8 +135,9 @@ def build_pool(
             if svd == "exact":
                 u, s, v = exact_svd(tau, k)
             else:
-                u, s, v = randomized_svd(tau, k, oversample, power_iterations, seed=seed + index)
-            total = float(tau.double().pow(2).sum())
+                u, s, v = randomized_svd(tau, k, iterations, seed=seed + index)
+            # vector_norm accumulates in float64 without a float64 copy of τ (that copy cost 2 s of 8 for ViT-B/32).
+            total = float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
             fractions.append(float(s.double().pow(2).sum()) / total if total > 0 else 0.0)
             columns_u.append(u)
             columns_v.append(v * s)

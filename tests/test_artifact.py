@@ -54,12 +54,14 @@ def test_export_load_classify_equals_the_workspace_model(tmp_path, adapted_works
             expected = from_workspace.classify(batch, task)
             torch.testing.assert_close(exported.classify(batch, task), expected, atol=1e-5, rtol=0)
             torch.testing.assert_close(classify_logits(method.encoder_for_task(task)(batch), from_workspace.head(task)), expected, atol=1e-5, rtol=0)
-        # Independent: 100 · normalize(embedding) @ headᵀ from the exported tensors themselves.
+        # Independent: exp(logit_scale) · cos(embedding, head row), from the exported tensors and the base.
         embedding = exported.encode_image(batch)
         from safetensors.torch import load_file
 
         head = load_file(str(out / WEIGHTS_FILE))["heads.beta"]
-        torch.testing.assert_close(exported.classify(batch, "beta"), 100 * torch.nn.functional.normalize(embedding, dim=-1) @ head.T)
+        scale = float(adapted_workspace.load_tensors("base.safetensors")["logit_scale"].exp())
+        cosine = torch.nn.functional.normalize(embedding, dim=-1) @ torch.nn.functional.normalize(head, dim=-1).T
+        torch.testing.assert_close(exported.classify(batch, "beta"), scale * cosine)
     assert method.parameters == config["parameters"]["total"] == 41_240
 
 

@@ -108,7 +108,7 @@ def test_errors(tiny_workspace, labeled_data):
 
 # bf16 keeps 8 significant bits (relative rounding 2⁻⁹ ≈ 0.2% per operation), fp16 keeps 11;
 # through the tiny tower's ~10 matmuls and LayerNorms the embedding direction moves by well
-# under 1%, and logits are 100·cos, so they move by under 1 (bf16) or 0.2 (fp16) logit.
+# under 1%, and logits are at most 100·cos, so they move by under 1 (bf16) or 0.2 (fp16) logit.
 # Measured on this fixture: at most 0.28 (bf16) and 0.04 (fp16), fp32 top-2 margins ≥ 0.24.
 HALF_LOGIT_TOLERANCE = {"bf16": 1.0, "fp16": 0.2}
 

@@ -30,7 +30,7 @@ def _training_loss(architecture, state, head, dataset) -> float:
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
     with torch.no_grad():
-        logits = 100.0 * F.normalize(model.encode_image(images), dim=-1) @ F.normalize(head, dim=-1).T
+        logits = model.logit_scale.exp() * F.normalize(model.encode_image(images), dim=-1) @ F.normalize(head, dim=-1).T
     return float(F.cross_entropy(logits, labels))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import importlib.util
 import json
 
@@ -12,6 +14,7 @@ from rankone.errors import RankoneError
 from rankone.heads import (
     canonical_task,
     classify_logits,
+    logit_scale,
     fusionbench_classnames_and_templates,
     head_for_task,
     read_lines,
@@ -63,6 +66,7 @@ def test_read_lines(tmp_path):
 
 
 def independent_head(model, tokenizer, classnames, templates):
+    """Unit class embeddings times the model's exp(logit_scale), computed apart from heads.py."""
     rows = []
     with torch.no_grad():
         for classname in classnames:
@@ -71,7 +75,8 @@ def independent_head(model, tokenizer, classnames, templates):
             embeddings = embeddings / embeddings.norm(dim=-1, keepdim=True)
             mean = embeddings.mean(dim=0)
             rows.append(mean / mean.norm())
-    return torch.stack(rows)
+        scale = float(torch.exp(model.logit_scale))
+    return scale * torch.stack(rows)
 
 
 def test_zero_shot_head_matches_independent_computation(tiny_architecture, base_state):
@@ -85,9 +90,15 @@ def test_zero_shot_head_matches_independent_computation(tiny_architecture, base_
 
 def test_classify_logits():
     embeddings = torch.tensor([[3.0, 4.0], [0.0, -2.0]])
-    head = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    head = 100 * torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])  # unit rows at scale 100
     expected = torch.tensor([[60.0, 80.0, 100.0], [0.0, -100.0, -80.0]])
     assert torch.allclose(classify_logits(embeddings, head), expected)
+
+
+def test_logit_scale_is_the_checkpoints_own_or_specs_100():
+    assert logit_scale({"logit_scale": torch.tensor(math.log(100.0))}) == pytest.approx(100.0, rel=1e-6)
+    assert logit_scale({"logit_scale": torch.tensor(math.log(15.0))}) == pytest.approx(15.0, rel=1e-6)
+    assert logit_scale({"visual.proj": torch.zeros(2, 2)}) == 100.0
 
 
 def test_head_cache(tiny_workspace, tiny_architecture, base_state):

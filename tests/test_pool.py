@@ -8,7 +8,7 @@ import torch
 
 from rankone.errors import RankoneError
 from rankone.models import visual_state
-from rankone.pool import build_pool, mlp_weight_keys, pool_keys, static_part
+from rankone.pool import build_pool, mlp_weight_keys, pool_keys, randomized_svd, static_part
 
 
 def task_vectors_of(base_state, expert_states):
@@ -48,15 +48,38 @@ def test_randomized_svd_keeps_nearly_the_exact_energy(base_state, expert_states)
             out_dim, in_dim = vector[key].shape
             left, right = torch.randn(out_dim, 8, generator=generator), torch.randn(8, in_dim, generator=generator)
             vector[key] = vector[key] + 0.05 * (left * torch.logspace(0, -1, 8)) @ right
-    _, exact = build_pool(task_vectors, 8, "exact")
-    pool, randomized = build_pool(task_vectors, 8, "randomized")
+    # k 4: the Krylov basis (4 × 4 columns) stays narrower than the 32-wide matrices, so the
+    # randomized path runs rather than its exact fallback.
+    _, exact = build_pool(task_vectors, 4, "exact")
+    pool, randomized = build_pool(task_vectors, 4, "randomized")
     for key in exact:
         for exact_fraction, randomized_fraction in zip(exact[key], randomized[key]):
             print(f"{key}: exact {exact_fraction:.5f} randomized {randomized_fraction:.5f}")
             assert randomized_fraction <= exact_fraction + 1e-6
             assert randomized_fraction >= 0.99 * exact_fraction
-    again, _ = build_pool(task_vectors, 8, "randomized")
+    again, _ = build_pool(task_vectors, 4, "randomized")
     assert all(torch.equal(pool[name], again[name]) for name in pool)
+
+
+def test_randomized_svd_returns_orthonormal_triplets_near_the_exact_ones():
+    generator = torch.Generator().manual_seed(0)
+    # Singular values falling like i^(-1/2), the shape bench/run.py uses for ViT-B/32.
+    matrix = (torch.randn(300, 120, generator=generator) * torch.arange(1, 121).rsqrt()) @ torch.randn(120, 120, generator=generator)
+    u, s, v = randomized_svd(matrix, 10)
+    assert u.shape == (300, 10) and s.shape == (10,) and v.shape == (120, 10)
+    torch.testing.assert_close(u.T @ u, torch.eye(10), atol=1e-5, rtol=0)
+    torch.testing.assert_close(v.T @ v, torch.eye(10), atol=1e-5, rtol=0)
+    # U·diag(S)·Vᵀ is the projection of the matrix on the found directions.
+    torch.testing.assert_close(u.T @ matrix @ v, torch.diag(s), atol=1e-3, rtol=0)
+    exact = np.linalg.svd(matrix.double().numpy(), compute_uv=False)
+    kept, best = float(s.double().pow(2).sum()), float((exact[:10] ** 2).sum())
+    assert best * 0.999 <= kept <= best * (1 + 1e-6)
+
+
+def test_randomized_svd_is_exact_when_the_basis_would_fill_the_matrix():
+    matrix = torch.randn(40, 24, generator=torch.Generator().manual_seed(1))
+    u, s, v = randomized_svd(matrix, 6)  # 6 × (3 + 1) = 24 columns: as wide as the matrix
+    np.testing.assert_allclose(s.numpy(), np.linalg.svd(matrix.numpy(), compute_uv=False)[:6], rtol=1e-5)
 
 
 def test_k_above_the_rank_is_an_error_naming_the_limit(base_state, expert_states):

@@ -81,10 +81,14 @@ def caption_templates(task: str) -> list[str]:
 
 
 def recipe_key(chosen: dict[str, Any]) -> str:
-    """A hash of the recipe, the caption templates it resolves to and the package version."""
+    """A hash of the recipe, the caption templates it resolves to, the head format and the package version."""
     from rankone import __version__
 
-    payload = {"recipe": chosen, "version": __version__, "templates": {task: caption_templates(task) for task in chosen["tasks"]}}
+    from rankone.heads import HEAD_FORMAT
+
+    # The head format is in the key because the experts are fine-tuned against those heads.
+    payload = {"recipe": chosen, "version": __version__, "heads": HEAD_FORMAT,
+               "templates": {task: caption_templates(task) for task in chosen["tasks"]}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
