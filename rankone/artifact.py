@@ -26,7 +26,8 @@ from rankone.workspace import Workspace, load_tensors, read_tensors_metadata, sa
 
 CONFIG_FILE = "rankone.json"
 WEIGHTS_FILE = "model.safetensors"
-ARTIFACT_FORMAT = 1
+# 2: heads carry the base model's logit scale (heads.py); format 1 heads were unit rows.
+ARTIFACT_FORMAT = 2
 HEAD_PREFIX = "heads."
 
 
@@ -227,6 +228,9 @@ def load_artifact(folder: Path, device: torch.device | str = "cpu", dtype: str |
         config = json.loads((folder / CONFIG_FILE).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise RankoneError(f"{folder / CONFIG_FILE}: not readable ({error})") from None
+    if config.get("format") == 1:
+        raise RankoneError(f"{folder / CONFIG_FILE}: artifact format 1 (exported before heads carried the logit scale); "
+                           "run `rankone export` again")
     if config.get("format") != ARTIFACT_FORMAT:
         raise RankoneError(f"{folder / CONFIG_FILE}: unsupported artifact format {config.get('format')!r}")
     weights = folder / WEIGHTS_FILE

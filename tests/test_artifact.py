@@ -87,6 +87,14 @@ def test_export_and_load_errors(tmp_path, adapted_workspace, tiny_workspace, ran
     code, _, err = rankone_cli("predict", tmp_path / "empty", "--task", "alpha", tmp_path / "x.png")
     assert code == 2 and "neither an exported model" in err
 
+    # An export from before heads carried the logit scale: refused, with what to do.
+    assert rankone_cli("export", "-w", adapted_workspace.root, "--out", tmp_path / "old")[0] == 0
+    config_path = tmp_path / "old" / "rankone.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "format": 1}))
+    code, _, err = rankone_cli("predict", tmp_path / "old", "--task", "alpha", tmp_path / "x.png")
+    assert code == 2 and f"{config_path}: artifact format 1" in err and "run `rankone export` again" in err
+
 
 def test_predict_prints_top_classes_and_names_known_tasks(tmp_path, adapted_workspace, labeled_data, rankone_cli):
     out = tmp_path / "model"

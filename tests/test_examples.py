@@ -147,3 +147,17 @@ def test_demo_refuses_a_foreign_workspace(tiny_workspace, tmp_path, monkeypatch)
     with pytest.raises(RankoneError, match="not made by `rankone demo`"):
         run_demo(built, tiny_workspace.root, QUICK_SETTINGS, device="cpu", say=lambda line: None)
     assert (tiny_workspace.root / "manifest.json").read_bytes() == before
+
+
+def test_readme_walkthrough_fetches_every_example_task():
+    # `rankone adapt` refuses unlabeled folders of tasks the workspace has no head for, so the
+    # README's walkthrough on the example zoo must fetch an expert for every task it holds.
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    fetch = re.search(r"^rankone fetch --base \$ZOO/base(.*?)\n\n", readme, flags=re.M | re.S)
+    assert fetch, "README: no `rankone fetch --base $ZOO/base` walkthrough command"
+    experts = re.findall(r"--expert (\w+)=\$ZOO/experts/(\w+)", fetch.group(1))
+    assert all(name == folder for name, folder in experts)
+    assert sorted(name for name, _ in experts) == sorted(zoo.recipe()["tasks"])
