@@ -2,7 +2,8 @@
 
 This is the recipe behind FusionBench's CLIP checkpoints (and the task-arithmetic papers):
 the head is built once from the pretrained text tower and never changes, only the image
-tower trains, Adam at lr 1e-5 with batch 32, cross-entropy on `normalize(emb) @ headᵀ` (the head carries CLIP's logit scale, `heads.py`).
+tower trains, Adam at lr 1e-5 with batch 32, cross-entropy on `normalize(emb) @ headᵀ` (the
+head carries CLIP's logit scale, `heads.py`).
 The result is written as an open_clip model directory (`open_clip_config.json` +
 `open_clip_model.safetensors`), which `rankone fetch` accepts as an expert.
 """
@@ -159,7 +160,7 @@ def finetune_expert(
     labeled = labeled_images(data, task, classnames)
     templates = template_strings(templates if templates is not None else templates_for(task))
     clip_model = load_clip(architecture, base_state).to(device)
-    head = zero_shot_head(clip_model, tokenizer_for(architecture), labeled.classnames, templates, device, logit_scale(base_state))
+    head = zero_shot_head(clip_model, tokenizer_for(architecture), labeled.classnames, templates, logit_scale(base_state), device)
     dataset = ImageDataset(labeled.paths, labeled.labels, preprocess_for(architecture))
     tower, losses = finetune_image_tower(
         clip_model, head, dataset, steps=steps, lr=lr, batch_size=batch_size, seed=seed, device=device, on_step=on_step

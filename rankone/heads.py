@@ -138,17 +138,15 @@ def logit_scale(state_dict: dict[str, torch.Tensor]) -> float:
 
 
 def zero_shot_head(
-    clip_model, tokenizer, classnames: Sequence[str], templates: Sequence[str], device: torch.device | str = "cpu", scale: float | None = None
+    clip_model, tokenizer, classnames: Sequence[str], templates: Sequence[str], scale: float, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """(classes × embed_dim) zero-shot head from `clip_model`'s text tower (already on `device`).
 
-    Rows are unit class embeddings times `scale` (default: the model's exp(logit_scale)).
+    Rows are unit class embeddings times `scale`, the checkpoint's `logit_scale(state_dict)`.
     """
     if not classnames:
         raise RankoneError("class names: none given")
     templates = template_strings(templates)
-    if scale is None:
-        scale = float(clip_model.logit_scale.detach().float().exp())
     with torch.no_grad():
         weights = build_zero_shot_classifier(clip_model, tokenizer, list(classnames), templates, device=device)
     return (scale * weights.T.float()).contiguous()
@@ -209,7 +207,7 @@ def heads_for_tasks(
         with contextlib.ExitStack() as stack:
             target = staging if staging is not None else stack.enter_context(workspace.transaction())
             for task, (classnames, templates, relpath) in missing.items():
-                head = zero_shot_head(clip_model, tokenizer, classnames, templates, device, scale).cpu()
+                head = zero_shot_head(clip_model, tokenizer, classnames, templates, scale, device).cpu()
                 metadata = {"task": task, "classnames": json.dumps(classnames), "templates": json.dumps(templates), "logit_scale": str(scale)}
                 target.save_tensors(relpath, {HEAD_TENSOR: head}, metadata=metadata)
                 heads[task] = head

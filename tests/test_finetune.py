@@ -14,7 +14,7 @@ from rankone.data import ImageDataset, labeled_images
 from rankone.errors import RankoneError
 from rankone.sources import load_source
 from rankone.finetune import OPEN_CLIP_CONFIG, finetune_expert, finetune_image_tower, write_open_clip_dir
-from rankone.heads import templates_for, zero_shot_head
+from rankone.heads import logit_scale, templates_for, zero_shot_head
 from rankone.models import load_clip, preprocess_for, tokenizer_for
 from rankone.workspace import load_tensors
 
@@ -39,7 +39,7 @@ def test_finetune_lowers_the_loss_and_changes_only_the_image_tower(tiny_architec
     task = "beta"
     labeled = labeled_images(labeled_data, task)
     model = load_clip(tiny_architecture, base_state)
-    head = zero_shot_head(model, tokenizer_for(tiny_architecture), labeled.classnames, templates_for(task))
+    head = zero_shot_head(model, tokenizer_for(tiny_architecture), labeled.classnames, templates_for(task), logit_scale(base_state))
     dataset = ImageDataset(labeled.paths, labeled.labels, preprocess_for(tiny_architecture))
     before = _training_loss(tiny_architecture, base_state, head, dataset)
 

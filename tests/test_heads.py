@@ -83,7 +83,7 @@ def test_zero_shot_head_matches_independent_computation(tiny_architecture, base_
     model = load_clip(tiny_architecture, base_state)
     tokenizer = tokenizer_for(tiny_architecture)
     classnames, templates = ["red", "green", "sea lion"], ["a photo of a {}.", "a {} thing.", "{}"]
-    head = zero_shot_head(model, tokenizer, classnames, templates)
+    head = zero_shot_head(model, tokenizer, classnames, templates, logit_scale(base_state))
     assert head.shape == (3, tiny_architecture["embed_dim"])
     assert torch.allclose(head, independent_head(model, tokenizer, classnames, templates), atol=1e-5)
 
