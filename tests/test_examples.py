@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from rankone.data import labeled_images, unlabeled_images
+from rankone.errors import RankoneError
 from rankone.examples import suite, zoo
 from rankone.sources import load_source
 
@@ -58,6 +59,22 @@ def test_digit_source_images_are_partitioned():
     partition = suite._digit_partition(0, zoo.FULL_RECIPE["sizes"])
     indices = np.concatenate(list(partition.values()))
     assert len(indices) == len(set(indices.tolist())) == sum(zoo.FULL_RECIPE["sizes"].values())
+
+
+def test_a_finetune_split_larger_than_the_digits_left_redraws_its_own_sources():
+    sizes = {"pretrain": 600, "finetune": 1000, "test": 320, "unlabeled": 160}
+    partition = suite._digit_partition(0, sizes)
+    left = 1797 - 600 - 320 - 160
+    assert len(partition["finetune"]) == left
+    indices = np.concatenate(list(partition.values()))
+    assert len(indices) == len(set(indices.tolist()))
+    finetune = suite.generate_task("digits", {"finetune": 1000}, seed=0)["finetune"]
+    assert len(finetune.images) == 1000 and len(_digests(finetune)) == 1000
+    _, targets = suite._digits()
+    sources = suite._digit_partition(0, {"finetune": 1000})["finetune"]
+    assert np.array_equal(finetune.labels, targets[sources[np.arange(1000) % len(sources)]])
+    with pytest.raises(RankoneError, match="1800 digit images asked for outside fine-tuning"):
+        suite._digit_partition(0, {"pretrain": 1000, "finetune": 10, "test": 800})
 
 
 def test_full_size_test_splits_have_300_images_and_every_class():

@@ -216,16 +216,23 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def _digit_partition(seed: int, sizes: dict[str, int]) -> dict[str, np.ndarray]:
-    """Disjoint sklearn digit indices per split (the digits set is finite: 1797 images)."""
+    """Disjoint sklearn digit indices per split (the digits set is finite: 1797 images).
+
+    Every split but `finetune` gets one source per image. `finetune` gets what is left, up
+    to its size; when it asks for more images than that, its sources are drawn again with
+    fresh jitter (`generate_task` cycles through them), as augmentation would.
+    """
     _, targets = _digits()
     order = np.random.default_rng([seed, 7]).permutation(len(targets))
-    wanted = sum(sizes.values())
-    if wanted > len(targets):
-        raise RankoneError(f"example suite: {wanted} digit images asked for, scikit-learn ships {len(targets)}")
+    fixed = sum(sizes.get(split, 0) for split in SPLITS if split != "finetune")
+    if fixed + min(sizes.get("finetune", 0), 1) > len(targets):
+        raise RankoneError(f"example suite: {fixed} digit images asked for outside fine-tuning, scikit-learn ships {len(targets)}")
+    counts = {split: sizes.get(split, 0) for split in SPLITS}
+    counts["finetune"] = min(counts["finetune"], len(targets) - fixed)
     partition, start = {}, 0
     for split in SPLITS:
-        partition[split] = order[start : start + sizes.get(split, 0)]
-        start += sizes.get(split, 0)
+        partition[split] = order[start : start + counts[split]]
+        start += counts[split]
     return partition
 
 
@@ -244,7 +251,7 @@ def generate_task(task: str, sizes: dict[str, int], seed: int = 0) -> dict[str, 
         labels = np.zeros(count, np.int64)
         for n in range(count):
             if digit_sources is not None:
-                source = int(digit_sources[split][n])
+                source = int(digit_sources[split][n % len(digit_sources[split])])
                 label = int(_digits()[1][source])
                 render = lambda: _render_digit(rng, source)  # noqa: E731
             else:
