@@ -278,17 +278,22 @@ def eval_command(
     templates: TemplatesOption = None,
     batch_size: BatchSizeOption = 64,
     dtype: DtypeOption = "fp32",
+    routing: Annotated[bool, typer.Option("--routing", help="RankOne-MoE only: also report, for each task's images, the mean gate its routers give each task's experts.")] = False,
     workspace: WorkspaceOption = DEFAULT_WORKSPACE,
     device: DeviceOption = "auto",
 ) -> None:
     """Top-1 accuracy of a method on each task's labeled test images; writes eval/<method>.json.
 
     Heads are zero-shot heads of the pretrained text tower, cached in heads/. --dtype bf16
-    runs the image encoder in half precision; the report records the dtype.
+    runs the image encoder in half precision; the report records the dtype. --routing shows
+    whether the routers tell the tasks apart: a table of mean gates (rows: whose images,
+    columns: whose experts, averaged over blocks; per block in the report).
 
     Example: rankone eval --method ties --tasks sun397 stanford-cars --data data --heads-source fusionbench
 
     Example: rankone eval --method rankone --dtype bf16
+
+    Example: rankone eval --method rankone --routing
     """
     from rich.table import Table
 
@@ -297,6 +302,8 @@ def eval_command(
     from rankone.workspace import Workspace
 
     resolve_dtype(dtype)
+    if routing and method != "rankone":
+        raise RankoneError(f"--routing: --method {method} has no routers; only --method rankone does")
     work = Workspace(workspace)
     chosen = _chosen_tasks(ctx, tasks, work, "eval")
     check_tasks(work, chosen)
@@ -327,6 +334,7 @@ def eval_command(
         device=resolved,
         dtype=dtype,
         batch_size=batch_size,
+        routing=routing,
         on_datasets=report_skipped,
     )
     table = Table(title=f"{method}: top-1 accuracy" + (f" ({dtype})" if dtype != "fp32" else ""))
@@ -339,7 +347,26 @@ def eval_command(
     table.add_row("average", "", f"{report['average']:.2f}")
     console.print(table)
     console.print(f"image model parameters (heads excluded): {report['parameters']:,}")
+    if routing:
+        console.print(routing_table(report["routing"]))
     console.print(f"wrote {work.path(relpath)}", soft_wrap=True, highlight=False)
+
+
+def routing_table(routing: dict[str, Any]) -> "Table":
+    """Mean gate per (images of task, experts of task), averaged over blocks; each row's largest in bold."""
+    from rich.table import Table
+
+    experts = routing["experts"]
+    blocks = len(next(iter(routing["gates"].values())))
+    table = Table(title=f"mean gate α' by whose experts (columns) for whose images (rows), averaged over {blocks} blocks")
+    table.add_column("images")
+    for task in experts:
+        table.add_column(task, justify="right")
+    for task, per_block in routing["gates"].items():
+        shares = [sum(block[index] for block in per_block) / len(per_block) for index in range(len(experts))]
+        largest = max(shares)
+        table.add_row(task, *(f"[bold]{share:.3f}[/bold]" if share == largest else f"{share:.3f}" for share in shares))
+    return table
 
 
 # ---- build-pool, adapt, export, predict -------------------------------------------

@@ -4,12 +4,15 @@ Report schema (`eval/<method>.json`):
 `{"method": str, "tasks": {task: {"accuracy": percent, "n": images}}, "average": percent,
 "parameters": int, "dtype": "fp32" | "fp16" | "bf16"}`; the average is the unweighted mean
 of the task accuracies; `dtype` is the precision the image encoder ran in (heads and logits
-are always fp32).
+are always fp32). With `routing` (RankOne-MoE only) the report also has
+`"routing": {"experts": [task, ...], "gates": {task: [[share, ...] per block]}}`: for each
+task's images, the mean α' each task's experts get (`moe.expert_shares`), block by block.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +86,15 @@ def evaluate(
     device: torch.device | str = "cpu",
     batch_size: int = 64,
     progress: bool = True,
+    routing: bool = False,
 ) -> dict[str, Any]:
-    """Top-1 accuracy (percent) of `method_model` on every task of `datasets`, as the report dict."""
+    """Top-1 accuracy (percent) of `method_model` on every task of `datasets`, as the report dict.
+
+    `routing` also records, per task, how the routers share their gates among the tasks'
+    experts (see the module docstring); the method must be RankOne-MoE.
+    """
+    from rankone.moe import expert_shares, recording_gates, routed_tasks
+
     if not datasets:
         raise RankoneError("eval: no tasks to evaluate")
     check_batch_size(batch_size)
@@ -94,6 +104,8 @@ def evaluate(
         if task not in heads:
             raise RankoneError(f"heads: no head for task {task!r}")
     results: dict[str, dict[str, float | int]] = {}
+    gates: dict[str, list[list[float]]] = {}
+    expert_tasks: list[str] = []
     bar = eval_progress() if progress else None
     try:
         if bar is not None:
@@ -104,16 +116,24 @@ def evaluate(
                 bar_task = bar.add_task(f"{method_model.name or 'eval'} · {task}", total=len(images.paths))
                 advance = lambda n, bar_task=bar_task: bar.advance(bar_task, n)  # noqa: E731
             encoder = method_model.encoder_for_task(task)
-            correct, total = task_accuracy(
-                encoder, heads[task], images, method_model.preprocess, device=device, batch_size=batch_size, advance=advance
-            )
+            if routing:
+                expert_tasks = routed_tasks(encoder)
+            with recording_gates(encoder) if routing else nullcontext() as blocks:
+                correct, total = task_accuracy(
+                    encoder, heads[task], images, method_model.preprocess, device=device, batch_size=batch_size, advance=advance
+                )
             results[task] = {"accuracy": 100.0 * correct / total, "n": total}
+            if routing:
+                gates[task] = [expert_shares(torch.cat(block), len(expert_tasks)).tolist() for block in blocks]
     finally:
         if bar is not None:
             bar.stop()
     average = sum(result["accuracy"] for result in results.values()) / len(results)
-    return {"method": method_model.name, "tasks": results, "average": average, "parameters": int(method_model.parameters),
-            "dtype": method_model.dtype}
+    report = {"method": method_model.name, "tasks": results, "average": average, "parameters": int(method_model.parameters),
+              "dtype": method_model.dtype}
+    if routing:
+        report["routing"] = {"experts": expert_tasks, "gates": gates}
+    return report
 
 
 def check_tasks(workspace: Workspace, tasks: Sequence[str]) -> None:
@@ -196,6 +216,7 @@ def evaluate_workspace(
     dtype: str = "fp32",
     batch_size: int = 64,
     progress: bool = True,
+    routing: bool = False,
     on_datasets: Callable[[dict[str, LabeledImages]], None] | None = None,
 ) -> tuple[dict[str, Any], str]:
     """The whole eval stage: (report, relpath of eval/<method>.json); `dtype` as for `methods.load_method`.
@@ -215,6 +236,6 @@ def evaluate_workspace(
         )
         if on_datasets is not None:
             on_datasets(datasets)
-        report = evaluate(method_model, heads, datasets, device=device, batch_size=batch_size, progress=progress)
+        report = evaluate(method_model, heads, datasets, device=device, batch_size=batch_size, progress=progress, routing=routing)
         relpath = write_report(workspace, report, staging)
     return report, relpath

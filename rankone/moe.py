@@ -16,6 +16,8 @@ and a zero router weight is the routed model exactly θ0 + λ·Σ rank-k(τ) on 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -97,6 +99,8 @@ class RankOneMLP(nn.Module):
         self.select = select
         self.routing = routing
         self.batch_first = batch_first
+        # Set by `recording_gates`: the α' of every forward pass is appended here.
+        self.gate_log: list[torch.Tensor] | None = None
 
     @property
     def token_dim(self) -> int:
@@ -108,7 +112,10 @@ class RankOneMLP(nn.Module):
         alpha = self.router(x.mean(dim=self.token_dim))
         if self.routing == "per-batch":
             alpha = alpha.mean(dim=0, keepdim=True).expand_as(alpha)
-        return top_p_gate(alpha, self.select)
+        gate = top_p_gate(alpha, self.select)
+        if self.gate_log is not None:
+            self.gate_log.append(gate.detach().float().cpu())
+        return gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The fused path (`fused_expert_linear`), or merged weights for large per-batch batches; else the plain path."""
@@ -287,6 +294,42 @@ def routed_model(
 
 def rankone_mlps(model: nn.Module) -> list[RankOneMLP]:
     return [module for module in model.modules() if isinstance(module, RankOneMLP)]
+
+
+def routed_tasks(model: nn.Module) -> list[str]:
+    """The tasks whose experts a routed model's pool holds, in the pool's (task-major) order."""
+    for module in model.modules():
+        config = getattr(module, "rankone_config", None)
+        if config and config.get("tasks"):
+            return list(config["tasks"])
+    raise RankoneError("model: has no RankOne-MoE routers with known tasks")
+
+
+@contextmanager
+def recording_gates(model: nn.Module) -> Iterator[list[list[torch.Tensor]]]:
+    """While open, each routed block appends the α' it computes (samples × T·k, fp32, CPU) to its own list."""
+    mlps = rankone_mlps(model)
+    if not mlps:
+        raise RankoneError("model: has no RankOne-MoE routers")
+    logs: list[list[torch.Tensor]] = [[] for _ in mlps]
+    for mlp, log in zip(mlps, logs):
+        mlp.gate_log = log
+    try:
+        yield logs
+    finally:
+        for mlp in mlps:
+            mlp.gate_log = None
+
+
+def expert_shares(gates: torch.Tensor, tasks: int) -> torch.Tensor:
+    """Mean α' each task's experts get over `gates` (samples × T·k, task-major columns): a vector of T.
+
+    Read per task's images, it shows whether the routers tell tasks apart: a router that
+    does gives each task's images a larger share of that task's own experts.
+    """
+    if gates.dim() != 2 or gates.shape[1] % tasks:
+        raise RankoneError(f"gates: shape {tuple(gates.shape)} does not split into {tasks} tasks' experts")
+    return gates.reshape(gates.shape[0], tasks, -1).mean(dim=(0, 2))
 
 
 def router_parameters(model: nn.Module) -> list[nn.Parameter]:

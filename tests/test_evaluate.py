@@ -150,3 +150,50 @@ def test_eval_cli_dtype(every_stage_workspace, labeled_data, rankone_cli):
     code, _, err = rankone_cli("eval", "-w", work.root, "--method", "rankone", "--data", labeled_data, "--dtype", "fp8")
     assert code == 2 and err.count("\n") == 1 and "--dtype 'fp8': expected one of fp32, fp16, bf16" in err
     assert (work.root / "manifest.json").read_bytes() == before and work.read_json("eval/rankone.json") == half
+
+
+def test_eval_routing_reports_gate_shares_that_match_the_router_weights(every_stage_workspace, labeled_data, rankone_cli):
+    import numpy as np
+
+    from rankone.artifact import routed_from_workspace
+    from rankone.data import ImageDataset
+    from rankone.moe import rankone_mlps
+
+    work = every_stage_workspace
+    code, stdout, err = rankone_cli("eval", "-w", work.root, "--method", "rankone", "--data", labeled_data, "--routing")
+    assert code == 0, err
+    routing = work.read_json("eval/rankone.json")["routing"]
+    assert routing["experts"] == work.tasks and list(routing["gates"]) == work.tasks
+    assert "averaged over 2 blocks" in stdout
+
+    # Independently: capture each block's MLP input, apply the router weights and SPEC's top-p in numpy.
+    model, settings = routed_from_workspace(work)
+    mlps = rankone_mlps(model)
+    inputs: list[list[torch.Tensor]] = [[] for _ in mlps]
+    handles = [mlp.register_forward_pre_hook(lambda module, args, store=store: store.append(args[0].detach()))
+               for mlp, store in zip(mlps, inputs)]
+    task_count, experts = len(work.tasks), mlps[0].router.out_features
+    k = experts // task_count
+    for task in work.tasks:
+        for store in inputs:
+            store.clear()
+        images = labeled_images(labeled_data, task)
+        dataset = ImageDataset(images.paths, images.labels, preprocess_for(work.architecture))
+        with torch.no_grad():
+            model(torch.stack([dataset[index][0] for index in range(len(dataset))]))
+        for block, (mlp, store) in enumerate(zip(mlps, inputs)):
+            x = store[0].double().numpy()
+            tokens = 1 if mlp.batch_first else 0
+            alpha = (x @ mlp.router.weight.detach().double().numpy().T + mlp.router.bias.detach().double().numpy()).mean(axis=tokens)
+            count = int(np.floor(settings["select"] * experts + 0.5))
+            threshold = -np.sort(-alpha, axis=1)[:, count - 1 : count]
+            gated = alpha / (1 + np.exp(-100 * (alpha - threshold)))
+            expected = [gated[:, t * k : (t + 1) * k].mean() for t in range(task_count)]
+            np.testing.assert_allclose(routing["gates"][task][block], expected, rtol=1e-4, atol=1e-6)
+    for handle in handles:
+        handle.remove()
+
+    before = (work.root / "manifest.json").read_bytes()
+    code, _, err = rankone_cli("eval", "-w", work.root, "--method", "ties", "--data", labeled_data, "--routing")
+    assert code == 2 and err.count("\n") == 1 and "--routing: --method ties has no routers" in err
+    assert (work.root / "manifest.json").read_bytes() == before

@@ -8,7 +8,11 @@ import torch
 from torch import nn
 
 from rankone.models import named_architecture, visual_state
-from rankone.moe import RankOneMLP, build_visual, load_visual, parameter_counts, routed_model, router_parameters, top_p_gate
+from rankone.errors import RankoneError
+from rankone.moe import (
+    RankOneMLP, build_visual, expert_shares, load_visual, parameter_counts, recording_gates, routed_model, routed_tasks,
+    router_parameters, top_p_gate,
+)
 from rankone.pool import build_pool, mlp_weight_keys, pool_keys, static_part
 
 TASKS = ["alpha", "beta", "gamma"]
@@ -30,16 +34,23 @@ def random_mlp(d: int, hidden: int, experts: int, select, routing: str, batch_fi
     return mlp
 
 
-def dense_reference(mlp: RankOneMLP, x: np.ndarray, select: float, routing: str) -> np.ndarray:
-    """Per sample: α, α' = α·sigmoid(100(α − thr)), W_b = W0 + Σ α'_j u_j v̂_jᵀ, then the MLP."""
-    numpy = lambda tensor: tensor.detach().double().numpy()  # noqa: E731
-    router_w, router_b = numpy(mlp.router.weight), numpy(mlp.router.bias)
-    alpha = (x @ router_w.T + router_b).mean(axis=1)
+def numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().double().numpy()
+
+
+def reference_gates(mlp: RankOneMLP, x: np.ndarray, select: float, routing: str) -> np.ndarray:
+    """Per sample (x: batch × tokens × d): α = mean over tokens of the router, α' = α·sigmoid(100(α − thr))."""
+    alpha = (x @ numpy(mlp.router.weight).T + numpy(mlp.router.bias)).mean(axis=1)
     if routing == "per-batch":
         alpha = np.repeat(alpha.mean(axis=0, keepdims=True), len(alpha), axis=0)
     count = int(np.floor(select * alpha.shape[1] + 0.5))
     threshold = -np.sort(-alpha, axis=1)[:, count - 1 : count]
-    gated = alpha / (1 + np.exp(-100 * (alpha - threshold)))
+    return alpha / (1 + np.exp(-100 * (alpha - threshold)))
+
+
+def dense_reference(mlp: RankOneMLP, x: np.ndarray, select: float, routing: str) -> np.ndarray:
+    """Per sample: α', W_b = W0 + Σ α'_j u_j v̂_jᵀ, then the MLP."""
+    gated = reference_gates(mlp, x, select, routing)
     outputs = []
     for b in range(len(x)):
         w_fc = numpy(mlp.c_fc.weight) + (numpy(mlp.fc_u) * gated[b]) @ numpy(mlp.fc_v).T
@@ -64,6 +75,37 @@ def test_routed_mlp_equals_dense_per_sample_weights(routing, select):
     if routing == "per-sample":
         # Per-sample routing: a sample's output does not depend on the rest of its batch.
         np.testing.assert_allclose(mlp(x.transpose(0, 1)[:, 2:3]).detach().numpy()[:, 0], expected[2], atol=1e-5)
+
+
+@pytest.mark.parametrize("routing", ["per-sample", "per-batch"])
+def test_recorded_gates_and_expert_shares_against_numpy(routing):
+    d, hidden, k = 8, 32, 4
+    mlp = random_mlp(d, hidden, 3 * k, 0.75, routing, True)
+    holder = nn.Sequential(mlp)
+    batches = [torch.randn(n, 7, d, dtype=torch.float64, generator=torch.Generator().manual_seed(n)) for n in (5, 3)]
+    with recording_gates(holder) as blocks:
+        for x in batches:
+            holder(x)
+    assert mlp.gate_log is None  # recording stops with the context
+    holder(batches[0])
+    assert len(blocks) == 1 and len(blocks[0]) == 2
+    expected = np.concatenate([reference_gates(mlp, x.numpy(), 0.75, routing) for x in batches])
+    recorded = torch.cat(blocks[0])
+    np.testing.assert_allclose(recorded.numpy(), expected, rtol=1e-5, atol=1e-6)
+    by_task = [expected[:, task * k : (task + 1) * k].mean() for task in range(3)]
+    np.testing.assert_allclose(expert_shares(recorded, 3).numpy(), by_task, rtol=1e-5)
+    with pytest.raises(RankoneError, match=r"shape \(8, 12\) does not split into 5 tasks"):
+        expert_shares(recorded, 5)
+    with pytest.raises(RankoneError, match="no RankOne-MoE routers"):
+        with recording_gates(nn.Linear(2, 2)):
+            pass
+
+
+def test_routed_tasks_come_from_the_routed_model(tiny_architecture, base_state, expert_states):
+    model, _, _ = tiny_routed(tiny_architecture, base_state, expert_states, 2, 0.75)
+    assert routed_tasks(model) == TASKS
+    with pytest.raises(RankoneError, match="no RankOne-MoE routers"):
+        routed_tasks(nn.Linear(2, 2))
 
 
 def test_top_p_gate_against_a_hand_computation():
