@@ -285,9 +285,10 @@ def eval_command(
     """Top-1 accuracy of a method on each task's labeled test images; writes eval/<method>.json.
 
     Heads are zero-shot heads of the pretrained text tower, cached in heads/. --dtype bf16
-    runs the image encoder in half precision; the report records the dtype. --routing shows
-    whether the routers tell the tasks apart: a table of mean gates (rows: whose images,
-    columns: whose experts, averaged over blocks; per block in the report).
+    runs the image encoder in half precision; the report records the dtype.
+
+    --routing shows whether the routers tell the tasks apart: mean gates by whose images
+    (rows) and whose experts (columns), averaged over blocks; per block in the report.
 
     Example: rankone eval --method ties --tasks sun397 stanford-cars --data data --heads-source fusionbench
 
