@@ -242,3 +242,18 @@ def write_open_clip_dir(folder: Path, state: dict[str, torch.Tensor], architectu
     else:
         save_file({key: value.contiguous() for key, value in state.items()}, folder / "open_clip_model.safetensors")
     return folder
+
+
+def numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().double().numpy()
+
+
+def reference_gates(mlp, x: np.ndarray, select: float, routing: str) -> np.ndarray:
+    """SPEC's α' of a RankOneMLP for its input x (tokens on the mlp's token axis), computed apart from moe.py:
+    α = mean over tokens of the router, α' = α·sigmoid(100(α − thr)), thr the round(p·T·k)-th largest α."""
+    alpha = (x @ numpy(mlp.router.weight).T + numpy(mlp.router.bias)).mean(axis=1 if mlp.batch_first else 0)
+    if routing == "per-batch":
+        alpha = np.repeat(alpha.mean(axis=0, keepdims=True), len(alpha), axis=0)
+    count = int(np.floor(select * alpha.shape[1] + 0.5))
+    threshold = -np.sort(-alpha, axis=1)[:, count - 1 : count]
+    return alpha / (1 + np.exp(-100 * (alpha - threshold)))

@@ -155,6 +155,7 @@ def test_eval_cli_dtype(every_stage_workspace, labeled_data, rankone_cli):
 def test_eval_routing_reports_gate_shares_that_match_the_router_weights(every_stage_workspace, labeled_data, rankone_cli):
     import numpy as np
 
+    from conftest import reference_gates
     from rankone.artifact import routed_from_workspace
     from rankone.data import ImageDataset
     from rankone.moe import rankone_mlps
@@ -182,12 +183,7 @@ def test_eval_routing_reports_gate_shares_that_match_the_router_weights(every_st
         with torch.no_grad():
             model(torch.stack([dataset[index][0] for index in range(len(dataset))]))
         for block, (mlp, store) in enumerate(zip(mlps, inputs)):
-            x = store[0].double().numpy()
-            tokens = 1 if mlp.batch_first else 0
-            alpha = (x @ mlp.router.weight.detach().double().numpy().T + mlp.router.bias.detach().double().numpy()).mean(axis=tokens)
-            count = int(np.floor(settings["select"] * experts + 0.5))
-            threshold = -np.sort(-alpha, axis=1)[:, count - 1 : count]
-            gated = alpha / (1 + np.exp(-100 * (alpha - threshold)))
+            gated = reference_gates(mlp, store[0].double().numpy(), settings["select"], settings["routing"])
             expected = [gated[:, t * k : (t + 1) * k].mean() for t in range(task_count)]
             np.testing.assert_allclose(routing["gates"][task][block], expected, rtol=1e-4, atol=1e-6)
     for handle in handles:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import numpy, reference_gates
 from rankone.models import named_architecture, visual_state
 from rankone.errors import RankoneError
 from rankone.moe import (
@@ -32,20 +33,6 @@ def random_mlp(d: int, hidden: int, experts: int, select, routing: str, batch_fi
     with torch.no_grad():
         mlp.router.weight.normal_(0, 0.5)  # α clearly different per sample
     return mlp
-
-
-def numpy(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().double().numpy()
-
-
-def reference_gates(mlp: RankOneMLP, x: np.ndarray, select: float, routing: str) -> np.ndarray:
-    """Per sample (x: batch × tokens × d): α = mean over tokens of the router, α' = α·sigmoid(100(α − thr))."""
-    alpha = (x @ numpy(mlp.router.weight).T + numpy(mlp.router.bias)).mean(axis=1)
-    if routing == "per-batch":
-        alpha = np.repeat(alpha.mean(axis=0, keepdims=True), len(alpha), axis=0)
-    count = int(np.floor(select * alpha.shape[1] + 0.5))
-    threshold = -np.sort(-alpha, axis=1)[:, count - 1 : count]
-    return alpha / (1 + np.exp(-100 * (alpha - threshold)))
 
 
 def dense_reference(mlp: RankOneMLP, x: np.ndarray, select: float, routing: str) -> np.ndarray:
