@@ -16,10 +16,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from rankone.merge import merged_state
-from rankone.models import named_architecture
-from rankone.moe import RankOneMLP, build_visual, load_visual, rankone_mlps, routed_model, top_p_gate
-from rankone.pool import build_pool, static_part
+from rankone.methods import merged_state
+from rankone.models import build_visual, load_visual, named_architecture
+from rankone.methods.rankone.module import RankOneMLP, rankone_mlps, routed_model, top_p_gate
+from rankone.methods.rankone.pool import build_pool, static_part
 
 THREADS = 2
 LAMBDA = 0.3

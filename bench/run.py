@@ -38,8 +38,8 @@ from common import (  # noqa: E402
     with_mlp_forward,
 )
 
-from rankone.moe import router_parameters, set_routing  # noqa: E402
-from rankone.pool import build_pool, mlp_weight_keys  # noqa: E402
+from rankone.methods.rankone.module import router_parameters, set_routing  # noqa: E402
+from rankone.methods.rankone.pool import build_pool, mlp_weight_keys  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 IMAGE_SIZE = 224
@@ -135,12 +135,12 @@ def timed_peak(run) -> tuple[float, float | None]:
 
 
 def adaptation_step(models: dict, per_task_batches: dict[int, int]) -> list[dict]:
-    """One step of `rankone.adapt.minimise_entropy` (8 tasks, entropy, Adam) routed vs a static forward+backward."""
+    """One step of `rankone.training.minimise_entropy` (8 tasks, entropy, Adam) routed vs a static forward+backward."""
     import statistics
 
     from torch.utils.data import TensorDataset
 
-    from rankone.adapt import classify_with, minimise_entropy
+    from rankone.training import classify_with, minimise_entropy
 
     static, routed = models["static"], models["routed"]
     static.requires_grad_(False)
@@ -199,7 +199,7 @@ def decaying_matrix(shape: torch.Size, generator: torch.Generator) -> torch.Tens
 
 
 def pool_svd(exact_blocks: int | None, spectrum: str = "decaying") -> list[dict]:
-    """`rankone.pool.build_pool` on eight dense random ViT-B/32 MLP task vectors, exact and randomized.
+    """`rankone.methods.rankone.pool.build_pool` on eight dense random ViT-B/32 MLP task vectors, exact and randomized.
 
     `spectrum`: "decaying" (singular values ∝ i^(-1/2), like real task vectors) or
     "gaussian" (flat, the randomized SVD's worst case).
@@ -244,7 +244,7 @@ def artifact_sizes(models: dict) -> list[dict]:
     """Bytes of `rankone export`'s model.safetensors (heads left out) per storage dtype, against the fp32 tower."""
     import tempfile
 
-    from rankone.artifact import RankOneClassifier, artifact_tensors
+    from rankone.methods.rankone.artifact import RankOneClassifier, artifact_tensors
     from rankone.models import build_visual
     from rankone.workspace import save_tensors_atomic
 

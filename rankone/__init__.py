@@ -8,7 +8,7 @@ def load(path, device="cpu", dtype=None):
 
     `dtype`: "fp32", "fp16" or "bf16" for the image tower (default: as exported); logits are fp32.
     """
-    from rankone.artifact import load as load_artifact
+    from rankone.methods.rankone.artifact import load as load_artifact
 
     return load_artifact(path, device, dtype)
 

@@ -1,10 +1,10 @@
 """Every method the workspace can run, evaluated on the same heads and images: the paper's Table 1.
 
-A method runs when its inputs exist: `pretrained` (base), `individual` (every expert),
-each `merged/<method>`, each `adapted/<method>` (adamerging and wemoe also need the task
-vectors, rankone the pool). Rows come in the paper's order: references, static merges,
-adaptive merges, RankOne-MoE last. Parameter counts are each method's image model (heads
-excluded, as in `rankone eval`) relative to the pretrained image tower.
+A method runs when the files it states it needs (`Method.eval_files`) are in the workspace;
+oracles such as the perfect router run only when named with `--methods`. Rows come in the
+registry's order (the paper's: references, static merges, adaptive merges, RankOne-MoE
+last). Parameter counts are each method's image model (heads excluded, as in `rankone
+eval`) relative to the pretrained image tower.
 """
 
 from __future__ import annotations
@@ -15,51 +15,33 @@ from typing import Any
 
 import torch
 
+from safetensors import safe_open
+
+from rankone import methods
 from rankone.errors import RankoneError
-from rankone.workspace import Workspace
+from rankone.evaluate import evaluate, evaluation_inputs, write_report
+from rankone.workspace import Workspace, producer_of
 
 COMPARE_JSON = "compare.json"
 COMPARE_MARKDOWN = "compare.md"
-# The paper's row order; methods not listed here follow in the order methods.py lists them.
-ROW_ORDER = ("pretrained", "individual", "weight-averaging", "task-arithmetic", "ties", "dare", "adamerging", "wemoe", "rankone")
-# What a method needs besides its own file, checked before anything is loaded.
-NEEDS_TASK_VECTORS = ("adamerging", "wemoe")
 
 
-def available_methods(workspace: Workspace) -> list[str]:
-    """Names of the methods whose inputs the workspace holds, in ROW_ORDER."""
-    from rankone.methods import LOADERS
-    from rankone.task_vectors import task_vector_path
-
-    tasks = workspace.tasks
-    files = workspace.manifest().get("files", {})
-    present = set(files)
-    found: list[str] = []
-    if "base.safetensors" in present:
-        found.append("pretrained")
-        if tasks and all(f"experts/{task}.safetensors" in present for task in tasks):
-            found.append("individual")
-    for folder in ("merged", "adapted"):
-        for relpath in files:
-            parent, _, name = relpath.partition("/")
-            if parent != folder or "/" in name or not name.endswith(".safetensors"):
-                continue
-            method = name.removesuffix(".safetensors")
-            if method not in LOADERS or method in found:
-                continue
-            if method in NEEDS_TASK_VECTORS and not all(task_vector_path(task) in present for task in tasks):
-                continue
-            if method == "rankone" and "pool.safetensors" not in present:
-                continue
-            found.append(method)
-    order = list(ROW_ORDER) + [name for name in LOADERS if name not in ROW_ORDER]
-    return sorted(found, key=order.index)
+def chosen_methods(workspace: Workspace, names: Sequence[str] | None) -> list[str]:
+    """`--methods` (any runnable method, oracles included) or every available one, in row order."""
+    available = methods.available_methods(workspace, include_oracles=bool(names))
+    if not names:
+        return available
+    for name in names:
+        method = methods.get(name, option="--methods")
+        if name not in available:
+            missing = method.missing_files(workspace)
+            raise RankoneError(f"--methods: {name!r} cannot run in this workspace: it needs {missing[0]}, which is missing "
+                               f"(run `{producer_of(missing[0])}`; runnable: {', '.join(available) or 'none'})")
+    return [name for name in available if name in names]
 
 
 def tower_parameters(workspace: Workspace) -> int:
     """Parameters of the pretrained image tower, the unit of the comparison's parameter column."""
-    from safetensors import safe_open
-
     path = workspace.require("base.safetensors")
     total = 0
     # Shapes from the header: no need to load a full CLIP to count its image tower.
@@ -82,7 +64,7 @@ def compare(
     workspace: Workspace,
     data: Path | str,
     tasks: Sequence[str] | None = None,
-    methods: Sequence[str] | None = None,
+    method_names: Sequence[str] | None = None,
     *,
     heads_source: str = "builtin",
     classnames: dict[str, list[str]] | None = None,
@@ -100,17 +82,7 @@ def compare(
     image encoders run in, as for `rankone eval --dtype`. `on_method(name)` is called
     before each method (for the CLI). Returns the content of compare.json.
     """
-    from rankone.evaluate import evaluate, evaluation_inputs, write_report
-    from rankone.methods import load_method
-
-    available = available_methods(workspace)
-    if methods:
-        unknown = [name for name in methods if name not in available]
-        if unknown:
-            raise RankoneError(f"--methods: {unknown[0]!r} cannot run in this workspace (runnable: {', '.join(available) or 'none'})")
-        chosen = [name for name in available if name in methods]
-    else:
-        chosen = available
+    chosen = chosen_methods(workspace, method_names)
     if not chosen:
         raise RankoneError(f"{workspace.root}: no method can run here; run `rankone fetch` first")
     tasks = list(tasks) if tasks else workspace.tasks
@@ -130,7 +102,7 @@ def compare(
         for name in chosen:
             if on_method is not None:
                 on_method(name)
-            method_model = load_method(workspace, name, device, dtype)
+            method_model = methods.load_method(workspace, name, device, dtype)
             reports[name] = evaluate(method_model, heads, datasets, device=device, batch_size=batch_size, progress=progress)
             del method_model
             write_report(workspace, reports[name], staging)

@@ -6,7 +6,7 @@ Report schema (`eval/<method>.json`):
 of the task accuracies; `dtype` is the precision the image encoder ran in (heads and logits
 are always fp32). With `routing` (RankOne-MoE only) the report also has
 `"routing": {"experts": [task, ...], "gates": {task: [[share, ...] per block]}}`: for each
-task's images, the mean α' each task's experts get (`moe.expert_shares`), block by block.
+task's images, the mean α' each task's experts get (`module.expert_shares`), block by block.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from rich.text import Text
 from rankone.data import ImageDataset, LabeledImages, check_batch_size, image_loader, labeled_images
 from rankone.errors import RankoneError
 from rankone.heads import HEAD_SOURCES, classify_logits, fusionbench_classnames_and_templates, heads_for_tasks
-from rankone.methods import MethodModel
+from rankone.methods import MethodModel, load_method
+from rankone.methods.rankone.module import expert_shares, recording_gates, routed_tasks
 from rankone.workspace import Staging, Workspace
 
 EVAL_DIR = "eval"
@@ -93,8 +94,6 @@ def evaluate(
     `routing` also records, per task, how the routers share their gates among the tasks'
     experts (see the module docstring); the method must be RankOne-MoE.
     """
-    from rankone.moe import expert_shares, recording_gates, routed_tasks
-
     if not datasets:
         raise RankoneError("eval: no tasks to evaluate")
     check_batch_size(batch_size)
@@ -223,8 +222,6 @@ def evaluate_workspace(
 
     New heads and the report are committed together, so a failed run leaves no trace.
     """
-    from rankone.methods import load_method
-
     tasks = list(tasks) if tasks else workspace.tasks
     check_tasks(workspace, tasks)
     # The method first: a missing merge should fail before any head is built.

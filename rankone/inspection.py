@@ -191,8 +191,8 @@ def rankone_counts(architecture: dict[str, Any], tasks: int, k: int, tower: dict
 
     `tower`: the architecture's meta image-tower state, when the caller already has it.
     """
-    from rankone.moe import parameter_counts, routed_model
-    from rankone.pool import mlp_weight_keys, pool_keys
+    from rankone.methods.rankone.module import parameter_counts, routed_model
+    from rankone.methods.rankone.pool import mlp_weight_keys, pool_keys
 
     tower = tower if tower is not None else _meta_tower_state(architecture)
     pool: dict[str, torch.Tensor] = {}
@@ -210,7 +210,7 @@ def rankone_counts(architecture: dict[str, Any], tasks: int, k: int, tower: dict
 
 def wemoe_counts(architecture: dict[str, Any], tasks: int, tower: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
     """WEMoE's inference tensors (tower, task_vectors, routers, total), counted from the real module on `meta`."""
-    from rankone.wemoe import parameter_counts, wemoe_model
+    from rankone.methods.wemoe import parameter_counts, wemoe_model
 
     tower = tower if tower is not None else _meta_tower_state(architecture)
     task_vectors = [{key: torch.empty_like(tensor) for key, tensor in tower.items()} for _ in range(tasks)]

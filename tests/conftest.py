@@ -126,7 +126,7 @@ def unlabeled_entropy():
     every unlabeled image, through the heads adaptation builds (class names from labeled_dir)."""
 
     def measure(workspace: Workspace, encode, unlabeled: Path, labeled: Path) -> float:
-        from rankone.adapt import batch_entropy, head_requests, task_heads, unlabeled_sets
+        from rankone.training import batch_entropy, head_requests, task_heads, unlabeled_sets
         from rankone.heads import classify_logits
         from rankone.models import preprocess_for
 
@@ -198,9 +198,9 @@ def transformers_models(tmp_path):
 @pytest.fixture(scope="session")
 def every_stage_template(tmp_path_factory) -> Workspace:
     """Built once per session (see every_stage_workspace); never modify it, copy it."""
-    from rankone.adapt import ADAPT_METHODS, AdaptOptions
-    from rankone.merge import merge_workspace
-    from rankone.pool import build_pool_stage
+    from rankone.methods import adapt_workspace, merge_workspace
+    from rankone.methods.rankone import PoolOptions, build_pool_stage
+    from rankone.training import AdaptOptions
     from rankone.task_vectors import compute_task_vectors
 
     root = tmp_path_factory.mktemp("every-stage")
@@ -210,10 +210,10 @@ def every_stage_template(tmp_path_factory) -> Workspace:
     unlabeled = write_image_folder(root / "unlabeled", per_class=4, seed=1, labeled=False)
     compute_task_vectors(workspace)
     merge_workspace(workspace, "task-arithmetic")
-    build_pool_stage(workspace, 2)
+    build_pool_stage(workspace, PoolOptions(k=2))
     for method in ("rankone", "adamerging", "wemoe"):
-        options = AdaptOptions(data=unlabeled, steps=1, batch_size=2, lr=1e-3, classnames_from=labeled, progress=False)
-        ADAPT_METHODS[method](workspace, options)
+        options = AdaptOptions(data=unlabeled, steps=1, batch_size=2, classnames_from=labeled, progress=False)
+        adapt_workspace(workspace, method, options, lr=1e-3)
     return workspace
 
 
@@ -257,3 +257,22 @@ def reference_gates(mlp, x: np.ndarray, select: float, routing: str) -> np.ndarr
     count = int(np.floor(select * alpha.shape[1] + 0.5))
     threshold = -np.sort(-alpha, axis=1)[:, count - 1 : count]
     return alpha / (1 + np.exp(-100 * (alpha - threshold)))
+
+
+def snapshot(root) -> dict[str, bytes]:
+    """Every file under a workspace (or any folder) with its bytes: {} when it does not exist.
+
+    Tests compare a snapshot before and after a refused command: nothing may change, not even
+    a staging folder left behind.
+    """
+    root = root.root if isinstance(root, Workspace) else Path(root)
+    if not root.exists():
+        return {}
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def task_vectors_of(base_state: dict[str, torch.Tensor], expert_states: dict[str, dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """τ = θt − θ0 for every image-tower tensor, computed here rather than by rankone.task_vectors."""
+    base_visual = visual_state(base_state)
+    return [{key: expert[key] - base_visual[key] for key in base_visual} for expert in expert_states.values()]
+

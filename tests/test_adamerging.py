@@ -7,25 +7,22 @@ import json
 import pytest
 import torch
 
-from rankone.adamerging import (
+from rankone.methods.adamerging import (
     ADAPTED_COEFFICIENTS,
     AdaMergingModel,
+    AdaMergingOptions,
     adamerging_from_workspace,
     adapt_adamerging,
     layerwise_merge,
     parameter_groups,
     stack_task_vectors,
 )
-from rankone.adapt import AdaptOptions
+from rankone.training import AdaptOptions
 from rankone.errors import RankoneError
-from rankone.merge import merged_state
+from rankone.methods import merged_state
 from rankone.models import build_visual, load_visual, named_architecture, visual_state
 from rankone.task_vectors import compute_task_vectors
-
-
-def task_vectors_of(base_state, expert_states):
-    base_visual = visual_state(base_state)
-    return [{key: expert[key] - base_visual[key] for key in base_visual} for expert in expert_states.values()]
+from conftest import task_vectors_of
 
 
 def test_groups_are_modules_six_per_block_plus_one_per_outer_tensor():
@@ -70,8 +67,8 @@ def test_gradients_reach_only_the_coefficients(tiny_architecture, base_state, ex
 def test_adaptation_lowers_entropy_and_saves_coefficients(tiny_workspace, unlabeled_data, labeled_data, unlabeled_entropy):
     compute_task_vectors(tiny_workspace)
     before = unlabeled_entropy(tiny_workspace, adamerging_from_workspace(tiny_workspace, trained=False), unlabeled_data, labeled_data)
-    options = AdaptOptions(data=unlabeled_data, steps=6, batch_size=2, lr=0.1, classnames_from=labeled_data, progress=False)
-    assert adapt_adamerging(tiny_workspace, options) == ADAPTED_COEFFICIENTS
+    options = AdaptOptions(data=unlabeled_data, steps=6, batch_size=2, classnames_from=labeled_data, progress=False)
+    assert adapt_adamerging(tiny_workspace, options, AdaMergingOptions(lr=0.1)) == ADAPTED_COEFFICIENTS
     trained = adamerging_from_workspace(tiny_workspace)
     after = unlabeled_entropy(tiny_workspace, trained, unlabeled_data, labeled_data)
     assert after < before - 1e-3
@@ -86,8 +83,8 @@ def test_adaptation_lowers_entropy_and_saves_coefficients(tiny_workspace, unlabe
 
 def test_default_learning_rate_is_adamergings(tiny_workspace, unlabeled_data, labeled_data):
     compute_task_vectors(tiny_workspace)
-    options = AdaptOptions(data=unlabeled_data, steps=1, batch_size=2, lr=None, classnames_from=labeled_data, progress=False)
-    adapt_adamerging(tiny_workspace, options)
+    options = AdaptOptions(data=unlabeled_data, steps=1, batch_size=2, classnames_from=labeled_data, progress=False)
+    adapt_adamerging(tiny_workspace, options, AdaMergingOptions())
     from rankone.workspace import read_tensors_metadata
 
     assert json.loads(read_tensors_metadata(tiny_workspace.path(ADAPTED_COEFFICIENTS))["rankone"])["lr"] == 1e-3
@@ -99,9 +96,10 @@ def test_bad_inputs_are_errors_and_workspace_unchanged(tiny_workspace, unlabeled
     with pytest.raises(RankoneError, match="adamerging.safetensors: missing"):
         adamerging_from_workspace(tiny_workspace)
     with pytest.raises(RankoneError, match="task alpha: no class names"):
-        adapt_adamerging(tiny_workspace, AdaptOptions(data=unlabeled_data, steps=1, progress=False))
+        adapt_adamerging(tiny_workspace, AdaptOptions(data=unlabeled_data, steps=1, progress=False), AdaMergingOptions())
     with pytest.raises(RankoneError, match="--data .*nowhere: not a folder"):
-        adapt_adamerging(tiny_workspace, AdaptOptions(data=unlabeled_data / "nowhere", steps=1, classnames_from=labeled_data, progress=False))
+        adapt_adamerging(tiny_workspace, AdaptOptions(data=unlabeled_data / "nowhere", steps=1, classnames_from=labeled_data, progress=False),
+                         AdaMergingOptions())
     assert tiny_workspace.manifest_path.read_text() == manifest
 
 

@@ -11,9 +11,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from rankone.adapt import batch_entropy, batch_indices, checkpoint_files, checkpoint_state, minimise_entropy
+from rankone.training import batch_entropy, batch_indices, checkpoint_files, checkpoint_state, minimise_entropy
 from rankone.task_vectors import compute_task_vectors
 from rankone.workspace import Workspace
+from conftest import snapshot
 
 
 def test_batches_are_seeded_epoch_permutations():
@@ -102,16 +103,12 @@ def prepared(root: Path, tiny_workspace: Workspace, rankone_cli) -> Workspace:
     return tiny_workspace
 
 
-def snapshot(workspace: Workspace) -> dict[str, bytes]:
-    return {str(path.relative_to(workspace.root)): path.read_bytes() for path in sorted(workspace.root.rglob("*")) if path.is_file()}
-
-
 def test_adapt_cli_lowers_entropy_and_resumes_exactly(tmp_path, tiny_workspace, unlabeled_data, labeled_data, rankone_cli):
-    from rankone.adapt import task_heads
-    from rankone.artifact import routed_from_workspace
+    from rankone.training import task_heads
+    from rankone.methods.rankone.artifact import routed_from_workspace
     from rankone.heads import classify_logits
-    from rankone.moe import routed_model
-    from rankone.pool import read_pool
+    from rankone.methods.rankone.module import routed_model
+    from rankone.methods.rankone.pool import read_pool
 
     workspace = prepared(tmp_path, tiny_workspace, rankone_cli)
     copy = Workspace(tmp_path / "copy")
@@ -135,7 +132,7 @@ def test_adapt_cli_lowers_entropy_and_resumes_exactly(tmp_path, tiny_workspace, 
     assert metadata["heads"]["beta"]["classnames"] == ["dark", "grey", "light"]
 
     # Mean entropy over every unlabeled image: initial routers (same seed) vs adapted routers.
-    from rankone.adapt import unlabeled_sets
+    from rankone.training import unlabeled_sets
     from rankone.models import preprocess_for
 
     stored = read_pool(workspace)
@@ -187,7 +184,7 @@ def test_adapt_errors_name_the_problem_and_leave_the_workspace_unchanged(tmp_pat
 
 def test_adapt_per_batch_without_top_p_is_recorded_and_reloaded(tmp_path, tiny_workspace, unlabeled_data, labeled_data, rankone_cli):
     import rankone
-    from rankone.moe import rankone_mlps
+    from rankone.methods.rankone.module import rankone_mlps
 
     workspace = prepared(tmp_path, tiny_workspace, rankone_cli)
     code, _, err = rankone_cli("adapt", "-w", workspace.root, "--data", unlabeled_data, "--classnames-from", labeled_data,

@@ -9,6 +9,7 @@ import pytest
 from safetensors import safe_open
 
 from rankone.cli import main
+from conftest import snapshot
 
 
 def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
@@ -21,10 +22,6 @@ def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
         code = exit_.code if isinstance(exit_.code, int) else 1
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def snapshot(root):
-    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
 
 
 def test_stage_by_stage(tiny_workspace, labeled_data, monkeypatch, capsys):

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import json
 
-from rankone.compare import available_methods, tower_parameters
+from rankone.compare import tower_parameters
+from rankone.methods import available_methods
 from rankone.models import count_parameters, visual_state
+from conftest import snapshot
 
 EXPECTED_ROWS = ["pretrained", "individual", "task-arithmetic", "adamerging", "wemoe", "rankone"]
-
-
-def snapshot(workspace) -> dict[str, bytes]:
-    """Every file of the workspace with its bytes (staging folders excluded)."""
-    return {str(path.relative_to(workspace.root)): path.read_bytes()
-            for path in sorted(workspace.root.rglob("*")) if path.is_file() and ".staging-" not in str(path)}
 
 
 def test_available_methods_follow_the_inputs(tiny_workspace, base_state):
@@ -89,7 +85,7 @@ def test_errors_leave_the_workspace_unchanged(every_stage_workspace, labeled_dat
 
 
 def test_a_late_failure_leaves_no_heads_behind(tiny_workspace, labeled_data, rankone_cli):
-    from rankone.merge import merge_workspace
+    from rankone.methods import merge_workspace
     from rankone.task_vectors import compute_task_vectors
 
     compute_task_vectors(tiny_workspace)

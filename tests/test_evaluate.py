@@ -13,8 +13,8 @@ from rankone.data import labeled_images
 from rankone.errors import RankoneError
 from rankone.evaluate import evaluate, evaluation_inputs, write_report
 from rankone.heads import head_for_task
-from rankone.merge import merge_workspace
-from rankone.methods import METHODS, LOADERS, MethodModel, load_method
+from rankone.methods import merge_workspace
+from rankone.methods import MethodModel, load_method, names, registered
 from rankone.models import count_parameters, load_clip, preprocess_for, visual_state
 from rankone.task_vectors import compute_task_vectors
 
@@ -86,8 +86,8 @@ def test_static_merge_method(tiny_workspace, labeled_data):
 
 
 def test_method_table():
-    assert {"pretrained", "individual", "weight-averaging", "task-arithmetic", "ties", "dare"} <= set(METHODS)
-    assert set(METHODS) == set(LOADERS)
+    assert {"pretrained", "individual", "weight-averaging", "task-arithmetic", "ties", "dare"} <= set(names())
+    assert all(callable(method.load) for method in registered())
 
 
 def test_errors(tiny_workspace, labeled_data):
@@ -156,9 +156,9 @@ def test_eval_routing_reports_gate_shares_that_match_the_router_weights(every_st
     import numpy as np
 
     from conftest import reference_gates
-    from rankone.artifact import routed_from_workspace
+    from rankone.methods.rankone.artifact import routed_from_workspace
     from rankone.data import ImageDataset
-    from rankone.moe import rankone_mlps
+    from rankone.methods.rankone.module import rankone_mlps
 
     work = every_stage_workspace
     code, stdout, err = rankone_cli("eval", "-w", work.root, "--method", "rankone", "--data", labeled_data, "--routing")

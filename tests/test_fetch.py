@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import make_base_state, make_expert_state, write_open_clip_dir
+from conftest import make_base_state, make_expert_state, write_open_clip_dir, snapshot
 from rankone.errors import RankoneError
 from rankone.sources import fetch, locate_dataset, presets
 from rankone.workspace import Workspace
@@ -66,10 +66,6 @@ def write_parquet_split(path: Path, labels: list[int], class_names=CLASS_NAMES, 
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
     return pixels
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()} if root.exists() else {}
 
 
 @pytest.fixture

@@ -68,7 +68,7 @@ def test_workspace_roles_match_the_files(every_stage_workspace, rankone_cli):
 
 
 def test_exported_model_roles(every_stage_workspace, tmp_path, rankone_cli):
-    from rankone.artifact import export
+    from rankone.methods.rankone.artifact import export
     from rankone.workspace import load_tensors
 
     config = export(every_stage_workspace, tmp_path / "model", "fp16", "cpu")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rankone.errors import RankoneError
-from rankone.merge import merge_task_vectors, merge_workspace, merged_state, method_options
+from rankone.methods import merge_task_vectors, merge_workspace, merged_state, method_options
 from rankone.models import visual_state
 from rankone.task_vectors import compute_task_vectors
 from rankone.workspace import read_tensors_metadata

@@ -7,21 +7,16 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import numpy, reference_gates
-from rankone.models import named_architecture, visual_state
+from conftest import numpy, reference_gates, task_vectors_of
+from rankone.models import build_visual, load_visual, named_architecture, visual_state
 from rankone.errors import RankoneError
-from rankone.moe import (
-    RankOneMLP, build_visual, expert_shares, load_visual, parameter_counts, recording_gates, routed_model, routed_tasks,
+from rankone.methods.rankone.module import (
+    RankOneMLP, expert_shares, parameter_counts, recording_gates, routed_model, routed_tasks,
     router_parameters, top_p_gate,
 )
-from rankone.pool import build_pool, mlp_weight_keys, pool_keys, static_part
+from rankone.methods.rankone.pool import build_pool, mlp_weight_keys, pool_keys, static_part
 
 TASKS = ["alpha", "beta", "gamma"]
-
-
-def task_vectors_of(base_state, expert_states):
-    base_visual = visual_state(base_state)
-    return [{key: expert[key] - base_visual[key] for key in base_visual} for expert in expert_states.values()]
 
 
 def random_mlp(d: int, hidden: int, experts: int, select, routing: str, batch_first: bool, seed: int = 0) -> RankOneMLP:

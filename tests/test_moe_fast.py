@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rankone.models import visual_state
-from rankone.moe import RankOneMLP, merging_pays, rankone_mlps, router_parameters, routed_model, set_routing
-from rankone.pool import build_pool, static_part
+from rankone.methods.rankone.module import RankOneMLP, merging_pays, rankone_mlps, router_parameters, routed_model, set_routing
+from rankone.methods.rankone.pool import build_pool, static_part
 
 TASKS = ["alpha", "beta", "gamma"]
 

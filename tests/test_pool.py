@@ -8,12 +8,8 @@ import torch
 
 from rankone.errors import RankoneError
 from rankone.models import visual_state
-from rankone.pool import build_pool, mlp_weight_keys, pool_keys, randomized_svd, static_part
-
-
-def task_vectors_of(base_state, expert_states):
-    base_visual = visual_state(base_state)
-    return [{key: expert[key] - base_visual[key] for key in base_visual} for expert in expert_states.values()]
+from rankone.methods.rankone.pool import build_pool, mlp_weight_keys, pool_keys, randomized_svd, static_part
+from conftest import task_vectors_of
 
 
 def rank_k(matrix: torch.Tensor, k: int) -> np.ndarray:

@@ -8,17 +8,13 @@ import sys
 import pytest
 import torch
 
-from conftest import TASKS, make_expert_state, write_workspace
+from conftest import TASKS, make_expert_state, write_workspace, snapshot
 from rankone.errors import RankoneError
 from rankone.models import visual_state
 from rankone.task_vectors import block_norms, compute_task_vectors, load_task_vectors, task_vector
 
 ATTENTION = ("attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias")
 MLP = ("mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
-
-
-def snapshot(root):
-    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
 
 
 def test_task_vector_is_difference(base_state, expert_states):

@@ -7,14 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from rankone.merge import merged_state
+from rankone.methods import merged_state
 from rankone.models import build_visual, load_visual, named_architecture, visual_state
-from rankone.wemoe import WEMoEMLP, parameter_counts, router_parameters, wemoe_model
-
-
-def task_vectors_of(base_state, expert_states):
-    base_visual = visual_state(base_state)
-    return [{key: expert[key] - base_visual[key] for key in base_visual} for expert in expert_states.values()]
+from rankone.methods.wemoe import WEMoEMLP, parameter_counts, router_parameters, wemoe_model
+from conftest import task_vectors_of
 
 
 def random_wemoe_mlp(d: int, hidden: int, tasks: int, batch_first: bool, seed: int = 0) -> WEMoEMLP:
@@ -112,14 +108,15 @@ def test_parameter_count_of_vit_b_32_with_8_tasks():
 
 
 def test_adaptation_lowers_entropy_and_saves_routers(tiny_workspace, unlabeled_data, labeled_data, unlabeled_entropy):
-    from rankone.adapt import ADAPT_METHODS, AdaptOptions
+    from rankone.methods import adapt_workspace
+    from rankone.training import AdaptOptions
     from rankone.task_vectors import compute_task_vectors
-    from rankone.wemoe import ADAPTED_ROUTERS, router_state, wemoe_from_workspace
+    from rankone.methods.wemoe import ADAPTED_ROUTERS, router_state, wemoe_from_workspace
 
     compute_task_vectors(tiny_workspace)
     before = unlabeled_entropy(tiny_workspace, wemoe_from_workspace(tiny_workspace, trained=False), unlabeled_data, labeled_data)
-    options = AdaptOptions(data=unlabeled_data, steps=6, batch_size=2, lr=1e-2, classnames_from=labeled_data, progress=False)
-    assert ADAPT_METHODS["wemoe"](tiny_workspace, options) == ADAPTED_ROUTERS
+    options = AdaptOptions(data=unlabeled_data, steps=6, batch_size=2, classnames_from=labeled_data, progress=False)
+    assert adapt_workspace(tiny_workspace, "wemoe", options, lr=1e-2) == ADAPTED_ROUTERS
     trained = wemoe_from_workspace(tiny_workspace)
     after = unlabeled_entropy(tiny_workspace, trained, unlabeled_data, labeled_data)
     assert after < before - 1e-3

@@ -5,10 +5,7 @@ import torch
 
 from rankone.errors import RankoneError
 from rankone.workspace import Workspace, sha256_file
-
-
-def snapshot(root):
-    return {path.relative_to(root): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+from conftest import snapshot
 
 
 def test_transaction_records_hashes_and_files_load_back(tmp_path):

@@ -1,63 +1,49 @@
-"""`rankone demo`: the whole pipeline on the example suite, through the public CLI.
+"""`rankone demo`: the example's pipeline file (demo.yaml, or demo-quick.yaml), run as `rankone run` runs it.
 
-Each stage is the command line a user would type, printed and then run by the same typer
-app. The zoo (data, tiny CLIP, experts) comes from the cache (`zoo.build_zoo`).
-
-The static λ is chosen without test labels: among `LAMBDA_GRID`, the one whose task
+The static λ in the file was chosen without test labels: among a grid, the one whose task
 arithmetic merge gives the lowest mean prediction entropy on the unlabeled split (the
-objective AdaMerging and RankOne-MoE's adaptation minimise). RankOne-MoE is then built
-on that λ and adapted with several seeds; its mean and spread are reported next to the
+objective AdaMerging and RankOne-MoE's adaptation minimise). After the run the demo
+measures that rule again on the workspace and says whether it still picks the file's λ.
+RankOne-MoE is adapted with several seeds; their mean and spread are reported next to the
 "perfect router" ceiling (static part + each task's own MLP weights).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import shlex
-import shutil
 import statistics
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from rankone.data import ImageDataset, labeled_images, unlabeled_images
 from rankone.errors import RankoneError
-from rankone.examples.zoo import Zoo
+from rankone.heads import classify_logits, heads_for_tasks
+from rankone.methods.base import pretrained_tower, visual_encoder
+from rankone.models import preprocess_for
+from rankone.pipeline import Pipeline, Step, load_pipeline
+from rankone.task_vectors import task_vector_path
+from rankone.training import batch_entropy
 from rankone.workspace import Workspace
 
-LAMBDA_GRID = (0.1, 0.2, 0.3, 0.4)
+PIPELINE_FILES = {"full": "demo.yaml", "quick": "demo-quick.yaml"}
+# The grid the λ rule was run over, per example.
+LAMBDA_GRIDS = {"full": (0.1, 0.2, 0.3, 0.4), "quick": (0.1, 0.3)}
 
 
-@dataclass
-class DemoSettings:
-    k: int = 8
-    select: float = 0.75
-    adapt_steps: int = 100
-    adapt_batch_size: int = 16
-    adapt_lr: float = 1e-4  # SPEC's default, not tuned on this suite
-    seeds: tuple[int, ...] = (0, 1, 2)
-    lambdas: tuple[float, ...] = LAMBDA_GRID
-    baselines: tuple[str, ...] = ("adamerging", "wemoe")
-
-
-QUICK_SETTINGS = DemoSettings(k=2, adapt_steps=4, adapt_batch_size=4, seeds=(0,), lambdas=(0.1, 0.3))
-FULL_SETTINGS = DemoSettings()
+def pipeline_file(example: str) -> Path:
+    """The example's pipeline file inside the installed package."""
+    return Path(str(resources.files("rankone.examples") / PIPELINE_FILES[example]))
 
 
 def unlabeled_entropy(workspace: Workspace, unlabeled: Path, classnames_from: Path, lam: float, device: torch.device | str = "cpu", limit: int = 128) -> float:
     """Mean prediction entropy of task arithmetic at `lam` over each task's unlabeled images."""
-    from rankone.adapt import batch_entropy
-    from rankone.data import ImageDataset, labeled_images, unlabeled_images
-    from rankone.heads import classify_logits, heads_for_tasks
-    from rankone.methods import visual_encoder
-    from rankone.models import preprocess_for, visual_state
-    from rankone.task_vectors import task_vector_path
-
     tasks = workspace.tasks
-    base = visual_state(workspace.load_tensors("base.safetensors"))
-    merged = {key: value.clone() for key, value in base.items()}
+    merged = {key: value.clone() for key, value in pretrained_tower(workspace).items()}
     for task in tasks:
         for key, value in workspace.load_tensors(task_vector_path(task)).items():
             merged[key] += lam * value
@@ -74,6 +60,47 @@ def unlabeled_entropy(workspace: Workspace, unlabeled: Path, classnames_from: Pa
     return sum(entropies) / len(entropies)
 
 
+def _check_workspace(workspace: Workspace) -> None:
+    """A workspace made by an earlier demo (or an empty folder) is fine; any other is left alone."""
+    if not workspace.root.exists():
+        return
+    if workspace.exists():
+        recorded = (workspace.manifest().get("pipeline") or {}).get("file", "")
+        if Path(recorded).name in PIPELINE_FILES.values():
+            return
+    elif not any(workspace.root.iterdir()):
+        return
+    raise RankoneError(f"-w {workspace.root}: exists and was not made by `rankone demo`; pass another -w")
+
+
+def _is_rankone_adapt(step: Step) -> bool:
+    return step.stage.name == "adapt" and step.options.method == "rankone"
+
+
+def with_seeds(steps: list[Step], seeds: int) -> list[Step]:
+    """The file's steps with RankOne-MoE adapted for seeds 0 … seeds−1, each evaluated before the next."""
+    adapts = [index for index, step in enumerate(steps) if _is_rankone_adapt(step)]
+    if not adapts:
+        return steps
+    first, last = adapts[0], adapts[-1]
+    evaluation = next(step for step in steps[first:] if step.stage.name == "eval" and step.options.method == "rankone")
+    middle: list[Step] = []
+    for seed in range(seeds):
+        middle.append(dataclasses.replace(steps[first], options=dataclasses.replace(steps[first].options, seed=seed)))
+        if seed != seeds - 1:
+            middle.append(evaluation)
+    return steps[:first] + middle + steps[last + 1:]
+
+
+def demo_pipeline(example: str, workspace: Path | str, device: str, seeds: int | None, variables: dict[str, str]) -> Pipeline:
+    """The example's pipeline on `workspace`, with `seeds` RankOne-MoE seeds when given."""
+    chosen = load_pipeline(pipeline_file(example), workspace=Path(workspace), device=device, examples=lambda name: variables)
+    _check_workspace(Workspace(chosen.workspace))
+    if seeds is not None:
+        chosen.steps = with_seeds(chosen.steps, seeds)
+    return chosen
+
+
 @dataclass
 class DemoResult:
     lam: float
@@ -87,82 +114,39 @@ class DemoResult:
         return statistics.mean(averages), (statistics.stdev(averages) if len(averages) > 1 else 0.0)
 
 
-def _prepare_workspace(workspace: Workspace, zoo: Zoo) -> None:
-    """A workspace left by an earlier demo run (of any example recipe) is replaced; any other one is left alone."""
-    if not workspace.root.exists():
-        return
-    if workspace.exists():
-        sources = workspace.manifest().get("sources", {})
-        base_source = Path(str(sources.get("base", {}).get("source", "")))
-        if base_source.name == zoo.base.name and base_source.parent.parent == zoo.root.parent:
-            shutil.rmtree(workspace.root)
-            return
-    elif not any(workspace.root.iterdir()):
-        return
-    raise RankoneError(f"-w {workspace.root}: exists and was not made by `rankone demo`; pass another -w")
-
-
-def run_demo(
-    zoo: Zoo,
-    workspace: Path | str,
-    settings: DemoSettings,
-    device: str = "auto",
-    run: Callable[[list[str]], None] | None = None,
-    say: Callable[[str], None] = print,
-) -> DemoResult:
-    """Run every stage as `rankone ...` commands; `run(args)` executes one (the CLI app)."""
-    from rankone.cli import app
-
-    def invoke(args: list[str]) -> None:
-        say("$ rankone " + " ".join(shlex.quote(arg) for arg in args))
-        if run is not None:
-            run(args)
-        else:
-            app(args=args, standalone_mode=False)
-
-    work = Workspace(workspace)
-    _prepare_workspace(work, zoo)
-    common = ["-w", str(work.root), "--device", device]
-    test, unlabeled, classes = str(zoo.data("test")), str(zoo.data("unlabeled")), str(zoo.data("finetune"))
-    fetch = ["fetch", "--base", str(zoo.base)]
-    for task in zoo.tasks:
-        fetch += ["--expert", f"{task}={zoo.expert(task)}"]
-    invoke(fetch + common)
-    invoke(["task-vectors", *common])
-
-    entropies = {lam: unlabeled_entropy(work, zoo.data("unlabeled"), zoo.data("finetune"), lam) for lam in settings.lambdas}
-    lam = min(entropies, key=entropies.get)
-    say("static λ by lowest unlabeled entropy of task arithmetic: "
-        + ", ".join(f"λ={value:g}: {entropy:.3f}" for value, entropy in entropies.items()) + f" → λ={lam:g}")
-
-    invoke(["merge", "--method", "weight-averaging", *common])
-    for method in ("task-arithmetic", "ties", "dare"):
-        invoke(["merge", "--method", method, "--lambda", f"{lam:g}", *common])
-    invoke(["build-pool", "--k", str(settings.k), "--lambda", f"{lam:g}", *common])
-    adapt_options = ["--data", unlabeled, "--classnames-from", classes, "--steps", str(settings.adapt_steps),
-                     "--batch-size", str(settings.adapt_batch_size)]
-    for method in settings.baselines:
-        invoke(["adapt", "--method", method, *adapt_options, *common])
+def demo_result(chosen: Pipeline, records: list[dict[str, Any]]) -> DemoResult:
+    """The seeds' reports, the ceiling and the comparison from the run's records, and the λ rule measured again."""
     rankone_seeds: dict[int, dict[str, Any]] = {}
-    for seed in settings.seeds:
-        invoke(["adapt", "--method", "rankone", *adapt_options, "--lr", f"{settings.adapt_lr:g}", "--select", f"{settings.select:g}",
-                "--seed", str(seed), *common])
-        if seed != settings.seeds[-1]:
-            invoke(["eval", "--method", "rankone", "--data", test, *common])
-            rankone_seeds[seed] = work.read_json("eval/rankone.json")
-    invoke(["eval", "--method", "perfect-router", "--data", test, *common])
-    perfect = work.read_json("eval/perfect-router.json")
-    invoke(["compare", "--data", test, *common])
-    summary = work.read_json("compare.json")
-    rankone_seeds[settings.seeds[-1]] = work.read_json("eval/rankone.json")
+    seed, lam, summary, perfect, adapt = None, None, {}, {}, None
+    for step, record in zip(chosen.steps, records):
+        result = record.get("result") or {}
+        if step.stage.name == "build-pool":
+            lam = step.options.lam
+        elif _is_rankone_adapt(step):
+            seed, adapt = step.options.seed, step.options
+        elif step.stage.name == "eval" and step.options.method == "rankone":
+            rankone_seeds[seed] = result
+        elif step.stage.name == "eval" and step.options.method == "perfect-router":
+            perfect = result
+        elif step.stage.name == "compare":
+            summary = result
+    if seed is not None and seed not in rankone_seeds:
+        rankone_seeds[seed] = next(row for row in summary["rows"] if row["method"] == "rankone")
+    workspace = Workspace(chosen.workspace)
+    grid = LAMBDA_GRIDS[chosen.example or "full"]
+    entropies = {value: unlabeled_entropy(workspace, adapt.data, adapt.classnames_from, value) for value in grid}
     return DemoResult(lam=lam, entropies=entropies, summary=summary, perfect_router=perfect, rankone_seeds=rankone_seeds)
 
 
 def result_lines(result: DemoResult) -> list[str]:
-    """The closing summary: the ceiling row, RankOne-MoE over seeds, its share of the gap."""
+    """The closing summary: the λ rule, the ceiling row, RankOne-MoE over seeds, its share of the gap."""
     rows = {row["method"]: row for row in result.summary["rows"]}
     mean, spread = result.rankone_average()
+    picked = min(result.entropies, key=result.entropies.get)
+    agreement = "as the pipeline file has" if picked == result.lam else f"but the pipeline file has λ={result.lam:g}"
     lines = [
+        "static λ by lowest unlabeled entropy of task arithmetic: "
+        + ", ".join(f"λ={value:g}: {entropy:.3f}" for value, entropy in result.entropies.items()) + f" → λ={picked:g}, {agreement}",
         f"perfect router (static part at λ={result.lam:g} + each task's own MLP weights; an oracle told the task): "
         f"average {result.perfect_router['average']:.1f} "
         + " ".join(f"{task} {value['accuracy']:.1f}" for task, value in result.perfect_router["tasks"].items()),

@@ -18,17 +18,30 @@ from __future__ import annotations
 import json
 import re
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from rankone.errors import RankoneError
+from rankone.methods.base import Method, MethodModel, pretrained_tower, register
+from rankone.methods.rankone.pool import static_part
+from rankone.models import load_visual
+from rankone.options import DEFAULT_LAMBDA, Options, lambda_option, learning_rate_option
+from rankone.task_vectors import load_task_vectors
+from rankone.training import AdaptOptions, adapt_with_checkpoints, adaptation_inputs, classify_with, save_adapted, task_heads
 from rankone.workspace import Workspace, read_tensors_metadata
 
 ADAPTED_ROUTERS = "adapted/wemoe.safetensors"
 ROUTER_INIT_STD = 0.01
-DEFAULT_LR = 1e-4  # SPEC's adaptation learning rate, as for RankOne-MoE's routers
+
+
+@dataclass(frozen=True)
+class WEMoEOptions(Options):
+    title = "wemoe"
+    lr: float = learning_rate_option()
+    lam: float = lambda_option("λ of the static part outside the MLPs, and the routers' initial bias.")
 MLP_KEY = re.compile(r"^visual\.transformer\.resblocks\.(\d+)\.mlp\.(c_fc|c_proj)\.(weight|bias)$")
 
 
@@ -127,7 +140,7 @@ def wemoe_model(
     architecture: dict[str, Any],
     base_visual: dict[str, Tensor],
     task_vectors: list[dict[str, Tensor]],
-    lam: float = 0.3,
+    lam: float = DEFAULT_LAMBDA,
     *,
     seed: int = 0,
 ) -> nn.Module:
@@ -137,9 +150,6 @@ def wemoe_model(
     plus the stacked task vectors. Router weights come from a generator seeded with `seed`,
     block by block. Meta tensors in, meta model out (for parameter counting).
     """
-    from rankone.models import load_visual
-    from rankone.pool import static_part
-
     if not task_vectors:
         raise RankoneError("wemoe: no task vectors given")
     meta = next(iter(base_visual.values())).is_meta
@@ -210,18 +220,15 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     return {"tower": total - task_vectors - routers, "task_vectors": task_vectors, "routers": routers, "total": total}
 
 
-def wemoe_from_workspace(workspace: Workspace, device: torch.device | str = "cpu", trained: bool = True, *, seed: int = 0) -> nn.Module:
-    """The WEMoE tower over every workspace task; with `trained`, the routers of adapted/wemoe.safetensors."""
-    from rankone.merge import DEFAULT_LAMBDA
-    from rankone.models import visual_state
-    from rankone.task_vectors import load_task_vectors
-
-    tasks, lam = workspace.tasks, DEFAULT_LAMBDA
+def wemoe_from_workspace(
+    workspace: Workspace, device: torch.device | str = "cpu", trained: bool = True, *, seed: int = 0, lam: float = DEFAULT_LAMBDA
+) -> nn.Module:
+    """The WEMoE tower over every workspace task; with `trained`, the routers (and λ) of adapted/wemoe.safetensors."""
+    tasks = workspace.tasks
     if trained:
         routers, metadata = read_routers(workspace)
         tasks, lam = list(metadata["tasks"]), float(metadata["lambda"])
-    base_visual = visual_state(workspace.load_tensors("base.safetensors"))
-    model = wemoe_model(workspace.architecture, base_visual, load_task_vectors(workspace, tasks), lam, seed=seed)
+    model = wemoe_model(workspace.architecture, pretrained_tower(workspace), load_task_vectors(workspace, tasks), lam, seed=seed)
     if trained:
         load_router_state(model, routers, str(workspace.path(ADAPTED_ROUTERS)))
     return model.to(device)
@@ -239,32 +246,31 @@ def read_routers(workspace: Workspace) -> tuple[dict[str, Tensor], dict[str, Any
     return routers, metadata
 
 
-def wemoe_method(workspace: Workspace, method: str, device: torch.device):
-    """methods.py loader for `rankone eval --method wemoe`: the routed tower for every task."""
-    from rankone.methods import MethodModel
-
+def load_wemoe(workspace: Workspace, method: str, device: torch.device) -> MethodModel:
+    """The eval loader: the routed tower for every task."""
     model = wemoe_from_workspace(workspace, device)
     return MethodModel(encoder_for_task=lambda task: model, parameters=parameter_counts(model)["total"], name=method)
 
 
-def adapt_wemoe(workspace: Workspace, options) -> str:
+def adapt_wemoe(workspace: Workspace, options: AdaptOptions, method_options: WEMoEOptions) -> str:
     """Train the routers on unlabeled images; write adapted/wemoe.safetensors.
 
-    `options` is adapt.AdaptOptions; a learning rate of None means 1e-4. The model merges
-    every workspace task; `options.tasks` only picks the tasks whose images it adapts on.
+    The model merges every workspace task; `options.tasks` only picks the tasks whose images it adapts on.
     """
-    from rankone.adapt import adapt_with_checkpoints, adaptation_inputs, classify_with, save_adapted, task_heads
-    from rankone.merge import DEFAULT_LAMBDA
-
-    if options.lr is None:
-        options.lr = DEFAULT_LR
     known = workspace.tasks
     inputs = adaptation_inputs(workspace, options, known)
     # Router initial noise comes from the seed, so runs (and resumed runs) start from the same routers.
-    model = wemoe_from_workspace(workspace, options.device, trained=False, seed=options.seed)
+    model = wemoe_from_workspace(workspace, options.device, trained=False, seed=options.seed, lam=method_options.lam)
     heads = task_heads(workspace, inputs.requests, options.device)
-    config = {"method": "wemoe", "seed": options.seed, "lr": options.lr, "batch_size": options.batch_size,
-              "tasks": known, "adapted_on": inputs.tasks, "lambda": DEFAULT_LAMBDA}
+    config = {"method": "wemoe", "seed": options.seed, "lr": method_options.lr, "batch_size": options.batch_size,
+              "tasks": known, "adapted_on": inputs.tasks, "lambda": method_options.lam}
     losses = adapt_with_checkpoints(workspace, "wemoe", classify_with(model, heads), router_parameters(model),
-                                    inputs.unlabeled, options, config)
+                                    inputs.unlabeled, options, config, method_options.lr)
     return save_adapted(workspace, ADAPTED_ROUTERS, router_state(model), config, options, inputs.requests, losses)
+
+
+METHOD = register(Method(
+    name="wemoe", kind="adaptive", summary="dense MLP task vectors mixed per sample by trained routers",
+    row=90, load=load_wemoe, options=WEMoEOptions, inputs=("base", "task-vectors"),
+    eval_inputs=("base", "task-vectors"), output=ADAPTED_ROUTERS, adapt=adapt_wemoe, routed=False,
+))

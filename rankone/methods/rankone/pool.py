@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from rankone.errors import RankoneError
+from rankone.models import build_visual, visual_state
 from rankone.workspace import Workspace, read_tensors_metadata
 
 POOL_FILE = "pool.safetensors"
@@ -207,8 +208,6 @@ def read_pool(workspace: Workspace, base_visual: dict[str, torch.Tensor] | None 
     except (KeyError, ValueError, TypeError):
         raise RankoneError(f"{workspace.path(POOL_FILE)}: metadata lacks k, lambda or tasks; rerun `rankone build-pool`") from None
     if base_visual is None:
-        from rankone.models import visual_state
-
         base_visual = visual_state(workspace.load_tensors("base.safetensors"))
     static = {key[len(STATIC_PREFIX):]: value for key, value in tensors.items() if key.startswith(STATIC_PREFIX)}
     for key in mlp_weight_keys(base_visual):
@@ -217,19 +216,8 @@ def read_pool(workspace: Workspace, base_visual: dict[str, torch.Tensor] | None 
     return StoredPool(static=static, pool=pool, k=k, lam=lam, tasks=tasks, metadata=metadata)
 
 
-@dataclass
-class PoolReport:
-    """What `rankone build-pool` wrote and measured."""
-
-    kept_energy: dict[str, dict[str, float]]  # matrix key → task → fraction of ‖τ‖_F² kept
-    tower_parameters: int  # the pretrained image tower, counted from its tensors
-    counts: dict[str, int]  # the routed model by part (`moe.parameter_counts`)
-
-
 def check_pool_options(architecture: dict, k: int, svd: str) -> None:
     """--k and --svd against the architecture's MLP shapes, before any file is read."""
-    from rankone.models import build_visual
-
     if svd not in SVD_METHODS:
         raise RankoneError(f"--svd {svd!r}: expected one of {', '.join(SVD_METHODS)}")
     if k < 1:
@@ -239,37 +227,3 @@ def check_pool_options(architecture: dict, k: int, svd: str) -> None:
     for key in mlp_weight_keys(shapes):
         if k > min(shapes[key]):
             raise RankoneError(f"--k {k}: larger than the rank limit {min(shapes[key])} of {key} ({shapes[key][0]}×{shapes[key][1]})")
-
-
-def build_pool_stage(
-    workspace: Workspace, k: int, lam: float = 0.3, svd: str = "exact", progress=None, device: torch.device | str = "cpu"
-) -> PoolReport:
-    """Read task_vectors/, write pool.safetensors (pool + static part + metadata), count parameters.
-
-    `progress(key)` is called after each MLP weight matrix (2 per block).
-    """
-    from rankone.models import count_parameters, visual_state
-    from rankone.moe import parameter_counts, routed_model
-    from rankone.task_vectors import load_task_vectors, task_vector_path
-
-    tasks = workspace.tasks
-    if not tasks:
-        raise RankoneError(f"{workspace.manifest_path}: the workspace has no tasks; run `rankone fetch` with experts first")
-    check_pool_options(workspace.architecture, k, svd)
-    hashes = {task: workspace.manifest()["files"].get(task_vector_path(task), {}).get("sha256") for task in tasks}
-    task_vectors = load_task_vectors(workspace, tasks)
-    base_visual = visual_state(workspace.load_tensors("base.safetensors"))
-    pool, kept = build_pool(task_vectors, k, svd, tasks=tasks, progress=progress, device=device)
-    static = static_part(base_visual, task_vectors, lam)
-    del task_vectors
-    model = routed_model(workspace.architecture, static, pool, lam, 0.75, "per-sample", tasks)
-    report = PoolReport(
-        kept_energy={key: dict(zip(tasks, fractions)) for key, fractions in kept.items()},
-        tower_parameters=count_parameters(base_visual),
-        counts=parameter_counts(model),
-    )
-    metadata = {"k": k, "lambda": lam, "tasks": tasks, "svd": svd, "task_vector_sha256": hashes,
-                "kept_energy": report.kept_energy, "parameters": report.counts}
-    with workspace.transaction() as staging:
-        staging.save_tensors(POOL_FILE, pool_file_tensors(static, pool), {"rankone": json.dumps(metadata)})
-    return report

@@ -1,7 +1,5 @@
-"""Static merges as one generalized function over task vectors.
-
-Every method is the same three steps with different settings (the shape of mergekit's
-generalized task arithmetic), then θ_merge = θ0 + scale·merged:
+"""Static merges as one generalized function over task vectors (the shape of mergekit's
+generalized task arithmetic): sparsify each τ, combine them, scale, add to θ0.
 
 | method            | sparsify                          | combine                          | scale |
 |-------------------|-----------------------------------|----------------------------------|-------|
@@ -10,10 +8,15 @@ generalized task arithmetic), then θ_merge = θ0 + scale·merged:
 | ties              | keep the top `top` magnitudes     | sign election, disjoint mean     | λ     |
 | dare              | drop with prob. `drop`, ×1/(1−q)  | sum                              | λ     |
 
-SPEC ("Static baselines"): weight averaging is mean θt = θ0 + (1/T)Στ; TIES keeps the top
-20% magnitudes of each τ (per parameter tensor here), elects the sign of each entry as the
-sign of the sum of the kept values, and averages the kept values that agree with it; DARE
-drops each entry with probability q, rescales the rest by 1/(1−q), then task arithmetic.
+Each method is its own module (weight_averaging.py, ...) that declares its options and
+registers `static_merge(...)` with its row of this table. Weight averaging is mean θt =
+θ0 + (1/T)Στ; TIES keeps the top 20% magnitudes of each τ (per parameter tensor here),
+elects the sign of each entry as the sign of the sum of the kept values, and averages the
+kept values that agree with it; DARE drops each entry with probability q, rescales the
+rest by 1/(1−q), then task arithmetic.
+
+`merge_workspace` is the merge stage for every static method, whatever its `merge`
+function: read the task vectors, add the update to θ0, write merged/<method>.safetensors.
 """
 
 from __future__ import annotations
@@ -26,76 +29,33 @@ from dataclasses import dataclass
 import torch
 
 from rankone.errors import RankoneError
-from rankone.models import VISUAL_PREFIX
+from rankone.methods.base import Method, MethodModel, pretrained_tower, register, visual_encoder
+from rankone.models import VISUAL_PREFIX, build_visual, count_parameters, visual_state
+from rankone.options import Options
+from rankone.task_vectors import load_task_vectors
 from rankone.workspace import Workspace
 
 MERGED_DIR = "merged"
+Progress = Callable[[str], None] | None
 
 
 @dataclass(frozen=True)
 class MergeSteps:
+    """One row of the table above."""
+
     sparsify: str | None  # None, "magnitude" (TIES trim) or "random" (DARE)
     sign_consensus: bool
     scale: str  # "lambda" or "mean"
-
-
-STATIC_METHODS: dict[str, MergeSteps] = {
-    "weight-averaging": MergeSteps(sparsify=None, sign_consensus=False, scale="mean"),
-    "task-arithmetic": MergeSteps(sparsify=None, sign_consensus=False, scale="lambda"),
-    "ties": MergeSteps(sparsify="magnitude", sign_consensus=True, scale="lambda"),
-    "dare": MergeSteps(sparsify="random", sign_consensus=False, scale="lambda"),
-}
-DEFAULT_LAMBDA = 0.3
-DEFAULT_TOP = 0.2
-DEFAULT_DROP = 0.9
 
 
 def merged_path(method: str) -> str:
     return f"{MERGED_DIR}/{method}.safetensors"
 
 
-def method_options(method: str, *, lam: float | None = None, top: float | None = None, drop: float | None = None, seed: int | None = None) -> dict:
-    """The options `method` uses, defaults filled in; an option it ignores is an error.
-
-    Returned dict is what goes into the merged file's metadata.
-    """
-    steps = _steps(method)
-    given = {"--lambda": lam, "--top": top, "--drop": drop, "--seed": seed}
-    used = {"--lambda": steps.scale == "lambda", "--top": steps.sparsify == "magnitude", "--drop": steps.sparsify == "random", "--seed": steps.sparsify == "random"}
-    for option, value in given.items():
-        if value is not None and not used[option]:
-            raise RankoneError(f"{option}: not used by --method {method}")
-    options: dict = {"method": method}
-    if used["--lambda"]:
-        options["lambda"] = DEFAULT_LAMBDA if lam is None else float(lam)
-    if used["--top"]:
-        options["top"] = DEFAULT_TOP if top is None else float(top)
-    if used["--drop"]:
-        options["drop"] = DEFAULT_DROP if drop is None else float(drop)
-        options["seed"] = 0 if seed is None else int(seed)
-    _check_fractions(steps, options.get("top", DEFAULT_TOP), options.get("drop", DEFAULT_DROP))
-    return options
-
-
-def _check_fractions(steps: MergeSteps, top: float, drop: float) -> None:
-    if steps.sparsify == "magnitude" and not 0.0 < top <= 1.0:
-        raise RankoneError(f"--top {top}: must be in (0, 1]")
-    if steps.sparsify == "random" and not 0.0 <= drop < 1.0:
-        raise RankoneError(f"--drop {drop}: must be in [0, 1)")
-
-
 def merge_step_count(architecture: dict) -> int:
     """How many tensors a merge visits (one progress step each): the image tower's, counted on the meta device."""
-    from rankone.models import build_visual
-
     with torch.device("meta"):
         return len(build_visual(architecture).state_dict())
-
-
-def _steps(method: str) -> MergeSteps:
-    if method not in STATIC_METHODS:
-        raise RankoneError(f"--method {method!r}: not a static merge; choose from {', '.join(STATIC_METHODS)}")
-    return STATIC_METHODS[method]
 
 
 def _check_vectors(task_vectors: list[dict[str, torch.Tensor]]) -> list[str]:
@@ -145,25 +105,23 @@ def sign_consensus_mean(values: list[torch.Tensor]) -> torch.Tensor:
     return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
 
 
-def merge_task_vectors(
+def generalized_merge(
     task_vectors: list[dict[str, torch.Tensor]],
-    method: str,
+    steps: MergeSteps,
     *,
-    lam: float = DEFAULT_LAMBDA,
-    top: float = DEFAULT_TOP,
-    drop: float = DEFAULT_DROP,
+    lam: float = 0.0,
+    top: float = 1.0,
+    drop: float = 0.0,
     seed: int = 0,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress = None,
 ) -> dict[str, torch.Tensor]:
     """The update to add to θ0 (already scaled: λ·merged, or (1/T)Στ for weight averaging).
 
     Computed in float32. DARE draws with a CPU generator seeded by `seed`, task by task in
     list order and, within a task, tensor by tensor in sorted key order: same seed, same
-    merge, on any device.
+    merge, on any device. `top` and `drop` are checked by the methods' options.
     """
-    steps = _steps(method)
     keys = _check_vectors(task_vectors)
-    _check_fractions(steps, top, drop)
     scale = 1.0 / len(task_vectors) if steps.scale == "mean" else float(lam)
 
     # One stream for all draws: each (task, tensor) consumes a fixed slice of it.
@@ -189,19 +147,8 @@ def merge_task_vectors(
     return merged
 
 
-def merged_state(
-    base_visual: dict[str, torch.Tensor],
-    task_vectors: list[dict[str, torch.Tensor]],
-    method: str,
-    *,
-    lam: float = DEFAULT_LAMBDA,
-    top: float = DEFAULT_TOP,
-    drop: float = DEFAULT_DROP,
-    seed: int = 0,
-    progress: Callable[[str], None] | None = None,
-) -> dict[str, torch.Tensor]:
-    """θ0 + the merged update for every `visual.*` tensor of the base, in the base's dtype."""
-    update = merge_task_vectors(task_vectors, method, lam=lam, top=top, drop=drop, seed=seed, progress=progress)
+def add_update(base_visual: dict[str, torch.Tensor], update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """θ0 + update for every `visual.*` tensor of the base, in the base's dtype."""
     state: dict[str, torch.Tensor] = {}
     for key, tensor in base_visual.items():
         if not key.startswith(VISUAL_PREFIX):
@@ -214,40 +161,58 @@ def merged_state(
     return state
 
 
-def merge_metadata(options: dict, tasks: list[str]) -> dict[str, str]:
+def merge_metadata(record: dict, tasks: list[str]) -> dict[str, str]:
     """safetensors metadata (string values only) recording how a merged file was made."""
-    return {"rankone": json.dumps({**options, "tasks": tasks})}
+    return {"rankone": json.dumps({**record, "tasks": tasks})}
 
 
 def merge_workspace(
     workspace: Workspace,
-    method: str,
+    method: Method,
+    options: Options,
     *,
-    lam: float | None = None,
-    top: float | None = None,
-    drop: float | None = None,
-    seed: int | None = None,
     device: torch.device | str = "cpu",
-    progress: Callable[[str], None] | None = None,
+    progress: Progress = None,
 ) -> dict:
-    """Merge the workspace's task vectors into `merged/<method>.safetensors`; returns the options used."""
-    from rankone.models import visual_state
-    from rankone.task_vectors import load_task_vectors
+    """Merge the workspace's task vectors with a static `method` into merged/<name>.safetensors.
 
-    options = method_options(method, lam=lam, top=top, drop=drop, seed=seed)
+    Returns the record stored in the file's metadata: {"method", and every option by its YAML key}.
+    """
+    record = {"method": method.name, **options.record()}
     tasks = workspace.tasks
     task_vectors = [{key: value.to(device) for key, value in vector.items()} for vector in load_task_vectors(workspace, tasks)]
-    base_visual = {key: value.to(device) for key, value in visual_state(workspace.load_tensors("base.safetensors")).items()}
-    state = merged_state(
-        base_visual,
-        task_vectors,
-        method,
-        lam=options.get("lambda", DEFAULT_LAMBDA),
-        top=options.get("top", DEFAULT_TOP),
-        drop=options.get("drop", DEFAULT_DROP),
-        seed=options.get("seed", 0),
-        progress=progress,
-    )
+    base = {key: value.to(device) for key, value in pretrained_tower(workspace).items()}
+    state = add_update(base, method.merge(task_vectors, options, progress))
     with workspace.transaction() as staging:
-        staging.save_tensors(merged_path(method), state, metadata=merge_metadata(options, tasks))
-    return options
+        staging.save_tensors(method.output, state, metadata=merge_metadata(record, tasks))
+    return record
+
+
+def load_merged(workspace: Workspace, method: str, device: torch.device) -> MethodModel:
+    """The eval loader of every static merge: merged/<method>.safetensors as one tower for all tasks."""
+    relpath = merged_path(method)
+    if not workspace.has(relpath):
+        raise RankoneError(f"{workspace.path(relpath)}: missing; run `rankone merge --method {method}` first")
+    merged = workspace.load_tensors(relpath)
+    encoder = visual_encoder(workspace.architecture, merged, device)
+    return MethodModel(encoder_for_task=lambda task: encoder, parameters=count_parameters(visual_state(merged)), name=method)
+
+
+def static_merge(name: str, summary: str, row: int, options: type[Options], merge: Callable[..., dict[str, torch.Tensor]]) -> Method:
+    """Register a static merge: `merge(task_vectors, options, progress)` returns the update to θ0."""
+    return register(Method(
+        name=name, kind="static", summary=summary, row=row, load=load_merged, options=options,
+        inputs=("base", "task-vectors"), eval_inputs=(), output=merged_path(name), merge=merge,
+    ))
+
+
+def generalized(steps: MergeSteps) -> Callable[..., dict[str, torch.Tensor]]:
+    """A `merge` function for one row of the table: reads lam, top, drop and seed from the options it has."""
+
+    def merge(task_vectors: list[dict[str, torch.Tensor]], options: Options, progress: Progress = None) -> dict[str, torch.Tensor]:
+        return generalized_merge(
+            task_vectors, steps, lam=getattr(options, "lam", 0.0), top=getattr(options, "top", 1.0),
+            drop=getattr(options, "drop", 0.0), seed=getattr(options, "seed", 0), progress=progress,
+        )
+
+    return merge

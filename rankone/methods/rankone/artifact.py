@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,11 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
 from rankone.errors import RankoneError
-from rankone.models import DTYPES, dtype_support, resolve_dtype
+from rankone.heads import classify_logits, templates_for
+from rankone.methods.rankone.module import load_router_state, parameter_counts, routed_model
+from rankone.methods.rankone.pool import read_pool
+from rankone.models import DTYPES, dtype_support, preprocess_for, resolve_dtype
+from rankone.training import task_heads
 from rankone.workspace import Workspace, load_tensors, read_tensors_metadata, save_tensors_atomic, sha256_file
 
 CONFIG_FILE = "rankone.json"
@@ -29,6 +34,7 @@ WEIGHTS_FILE = "model.safetensors"
 # 2: heads carry the base model's logit scale (heads.py); format 1 heads were unit rows.
 ARTIFACT_FORMAT = 2
 HEAD_PREFIX = "heads."
+ADAPTED_ROUTERS = "adapted/rankone.safetensors"
 
 
 class RankOneClassifier(nn.Module):
@@ -52,8 +58,6 @@ class RankOneClassifier(nn.Module):
     @property
     def preprocess(self):
         """The evaluation transform (PIL image → tensor) the model expects."""
-        from rankone.models import preprocess_for
-
         return preprocess_for(self.config["architecture"])
 
     def encode_image(self, images: Tensor) -> Tensor:
@@ -64,8 +68,6 @@ class RankOneClassifier(nn.Module):
 
     def classify(self, images: Tensor, task: str) -> Tensor:
         """Logits normalize(embedding) @ headᵀ for `task` (the head carries the logit scale)."""
-        from rankone.heads import classify_logits
-
         head = self.head(task)
         return classify_logits(self.encode_image(images).float(), head.float())
 
@@ -86,8 +88,6 @@ class WorkspaceModel:
 
 def adapted_routers(workspace: Workspace) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Routers and settings from adapted/rankone.safetensors."""
-    from rankone.adapt import ADAPTED_ROUTERS
-
     routers = workspace.load_tensors(ADAPTED_ROUTERS)
     try:
         metadata = json.loads(read_tensors_metadata(workspace.path(ADAPTED_ROUTERS))["rankone"])
@@ -103,17 +103,14 @@ def routed_from_workspace(
 
     `select`/`routing` default to those the routers were trained with.
     """
-    from rankone.moe import load_router_state, routed_model
-    from rankone.pool import read_pool
-
     stored = read_pool(workspace)
     routers, metadata = adapted_routers(workspace)
     if metadata.get("k") != stored.k or metadata.get("lambda") != stored.lam:
-        raise RankoneError(f"{workspace.path('adapted/rankone.safetensors')}: trained on another pool; rerun `rankone adapt`")
+        raise RankoneError(f"{workspace.path(ADAPTED_ROUTERS)}: trained on another pool; rerun `rankone adapt`")
     select = metadata.get("select") if select is None else select
     routing = routing or metadata.get("routing", "per-sample")
     model = routed_model(workspace.architecture, stored.static, stored.pool, stored.lam, select, routing, stored.tasks)
-    load_router_state(model, routers, str(workspace.path("adapted/rankone.safetensors")))
+    load_router_state(model, routers, str(workspace.path(ADAPTED_ROUTERS)))
     settings = {"k": stored.k, "lambda": stored.lam, "select": select, "routing": routing,
                 "tasks": stored.tasks, "heads": metadata.get("heads", {})}
     return model.to(device).eval(), settings
@@ -121,8 +118,6 @@ def routed_from_workspace(
 
 def load_workspace(workspace: Workspace, device: torch.device | str = "cpu") -> RankOneClassifier:
     """The adapted model of a workspace with heads for the tasks its routers were adapted on."""
-    from rankone.adapt import task_heads
-
     device = torch.device(device)
     visual, settings = routed_from_workspace(workspace, device)
     requests = {task: (entry["classnames"], entry["templates"]) for task, entry in settings.pop("heads").items()}
@@ -137,8 +132,6 @@ def load_workspace(workspace: Workspace, device: torch.device | str = "cpu") -> 
 # ---- export and load ---------------------------------------------------------------------
 
 def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     versions = {}
     for package in ("rankone", "torch", "open_clip_torch", "safetensors"):
         try:
@@ -150,10 +143,8 @@ def package_versions() -> dict[str, str]:
 
 def _templates(task: str) -> list[str] | None:
     try:
-        from rankone.heads import templates_for
-
         return list(templates_for(task))
-    except (ImportError, RankoneError):
+    except RankoneError:
         return None
 
 
@@ -177,8 +168,6 @@ def export(workspace: Workspace, out: Path, dtype: str = "fp32", device: torch.d
     size against the fp32 tower). `out` must not exist, be empty, or hold an earlier export
     (which is replaced).
     """
-    from rankone.moe import parameter_counts
-
     resolve_dtype(dtype)
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_FILE).is_file())):
@@ -221,8 +210,6 @@ def load_artifact(folder: Path, device: torch.device | str = "cpu", dtype: str |
     Pool and routers stored in half precision are widened on load, so a half export gives
     the fp32 computation of the rounded experts.
     """
-    from rankone.moe import load_router_state, routed_model
-
     folder = Path(folder)
     try:
         config = json.loads((folder / CONFIG_FILE).read_text())
@@ -298,12 +285,3 @@ def predict(model: RankOneClassifier, images: list[Path], task: str, top: int = 
             results.append({"image": str(path), "task": task,
                             "top": [{"class": names[i], "probability": p} for p, i in zip(row_values, row_indices)]})
     return results
-
-
-def rankone_method(workspace: Workspace, method: str, device: torch.device):
-    """methods.py loader for `rankone eval --method rankone`: the adapted routed tower for every task."""
-    from rankone.methods import MethodModel
-    from rankone.moe import parameter_counts
-
-    visual, _ = routed_from_workspace(workspace, device)
-    return MethodModel(encoder_for_task=lambda task: visual, parameters=parameter_counts(visual)["total"], name=method)

@@ -12,15 +12,14 @@ import torch
 from torch import nn
 
 from rankone.errors import RankoneError
+from rankone.methods.base import Method, MethodModel, one_task_at_a_time, register, visual_encoder
+from rankone.methods.rankone.pool import MLP_WEIGHT, POOL_FILE, read_pool
+from rankone.models import count_parameters, visual_state
 from rankone.workspace import Workspace
 
 
-def perfect_router_method(workspace: Workspace, method: str, device: torch.device):
-    """methods.py loader for `rankone eval --method perfect-router` (needs `rankone build-pool`)."""
-    from rankone.methods import MethodModel, one_task_at_a_time, visual_encoder
-    from rankone.models import count_parameters, visual_state
-    from rankone.pool import MLP_WEIGHT, POOL_FILE, read_pool
-
+def load_perfect_router(workspace: Workspace, method: str, device: torch.device) -> MethodModel:
+    """The eval loader of `rankone eval --method perfect-router` (needs `rankone build-pool`)."""
     if not workspace.has(POOL_FILE):
         raise RankoneError(f"{workspace.path(POOL_FILE)}: missing; run `rankone build-pool` first (its static part is the ceiling's)")
     stored = read_pool(workspace)
@@ -33,3 +32,7 @@ def perfect_router_method(workspace: Workspace, method: str, device: torch.devic
 
     mlp = sum(value.numel() for key, value in stored.static.items() if MLP_WEIGHT.match(key))
     return MethodModel(encoder_for_task=one_task_at_a_time(tasks, method, build), parameters=count_parameters(stored.static) + (len(tasks) - 1) * mlp, name=method)
+
+
+METHOD = register(Method(name="perfect-router", kind="reference", summary="oracle: static part + the task's own MLP weights",
+                         row=110, load=load_perfect_router, eval_inputs=("base", "experts", "pool"), oracle=True))

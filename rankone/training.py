@@ -1,4 +1,4 @@
-"""Test-time adaptation by entropy minimisation, shared by every adaptive method.
+"""Test-time adaptation by entropy minimisation, shared by every adaptive method (the adapt stage).
 
 SPEC ("Adaptation"): each step, for each task one batch of its unlabeled images, logits
 through that task's head, loss = mean Shannon entropy of softmax(logits); the losses are
@@ -26,7 +26,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from rankone.data import ImageDataset, labeled_images, unlabeled_images
 from rankone.errors import RankoneError
+from rankone.heads import HEAD_SOURCES, classify_logits, fusionbench_classnames_and_templates, heads_for_tasks, read_lines
+from rankone.models import preprocess_for
+from rankone.options import Options, option, seed_option
 from rankone.workspace import Workspace, read_tensors_metadata
 
 Checkpoint = Callable[[int, dict], None]
@@ -151,15 +158,34 @@ def minimise_entropy(
 
 
 def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from rich.console import Console
-
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.1f} img/s"),
         TimeRemainingColumn(), disable=not enabled, transient=False, console=Console(stderr=True),
     )
+
+
+@dataclass(frozen=True)
+class AdaptOptions(Options):
+    """The adapt stage's options, shared by every adaptive method (each adds its own, such as the lr)."""
+
+    title = "adaptation"
+    data: Path = option(help="Unlabeled images, DATA/<task>/**/<image>.")
+    steps: int = option(1000, "Adam steps (each sees one batch of every task).", low=0)
+    batch_size: int = option(16, "Images per task per step.", low=1)
+    seed: int = seed_option("Seed for the initialisation (routers, coefficients) and the data order.")
+    tasks: list[str] | None = option(None, "Tasks to adapt on (repeat or comma-separate); default all.")
+    save_every: int = option(0, "Checkpoint every N steps (0: never).", low=0)
+    resume: bool = option(False, "Continue from the last checkpoint.")
+    heads_source: str = option("builtin", "builtin (class names from the data folders or files, rankone's templates) or "
+                               "fusionbench (FusionBench's lists; needed for its checkpoints).", choices=HEAD_SOURCES)
+    classnames_from: Path | None = option(None, "Labeled folder DIR/<task>/<class>/ to take class names from.")
+    classnames: dict[str, str] = option(help="TASK=FILE, one class name per line; repeatable.", default_factory=dict, metavar="TASK=FILE")
+    templates: dict[str, str] = option(help="TASK=FILE, one template with {} per line; repeatable.", default_factory=dict, metavar="TASK=FILE")
+    workers: int = option(0, "Image-loading worker processes.", low=0)
+    # Run-time context, not options.
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    progress: bool = True
 
 
 # ---- checkpoints as safetensors + JSON (no pickle) --------------------------------------
@@ -224,7 +250,7 @@ def latest_checkpoint(workspace: Workspace, method: str, config: dict[str, Any])
     return state
 
 
-def resume_state(workspace: Workspace, method: str, options: "AdaptOptions", config: dict[str, Any]) -> dict | None:
+def resume_state(workspace: Workspace, method: str, options: AdaptOptions, config: dict[str, Any]) -> dict | None:
     """The checkpoint `--resume` continues from (None without --resume); checked before any work."""
     if not options.resume:
         return None
@@ -242,8 +268,9 @@ def adapt_with_checkpoints(
     classify: Callable[[Tensor, str], Tensor],
     parameters: list[nn.Parameter],
     unlabeled: dict[str, Dataset],
-    options: "AdaptOptions",
+    options: AdaptOptions,
     config: dict[str, Any],
+    lr: float,
     resume: dict | None = None,
 ) -> list[float]:
     """`minimise_entropy` with workspace checkpoints under adapted/<method>-checkpoints/.
@@ -254,7 +281,7 @@ def adapt_with_checkpoints(
     if resume is None:
         resume = resume_state(workspace, method, options, config)
     return minimise_entropy(
-        classify, parameters, unlabeled, steps=options.steps, batch_size=options.batch_size, lr=options.lr,
+        classify, parameters, unlabeled, steps=options.steps, batch_size=options.batch_size, lr=lr,
         seed=options.seed, device=options.device, save_every=options.save_every,
         checkpoint=lambda step, state: save_checkpoint(workspace, method, step, state, config),
         resume=resume, progress=options.progress, workers=options.workers,
@@ -262,29 +289,6 @@ def adapt_with_checkpoints(
 
 
 # ---- inputs every adaptive method needs: unlabeled data, class names, heads ------------
-
-@dataclass
-class AdaptOptions:
-    """What `rankone adapt` passes to an entry of ADAPT_METHODS."""
-
-    data: Path
-    steps: int = 1000
-    batch_size: int = 16
-    lr: float = 1e-4
-    seed: int = 0
-    select: float | None = 0.75
-    routing: str = "per-sample"
-    tasks: list[str] | None = None
-    save_every: int = 0
-    resume: bool = False
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    heads_source: str = "builtin"
-    classnames_from: Path | None = None
-    classnames: dict[str, str] = field(default_factory=dict)  # task → file, one class name per line
-    templates: dict[str, str] = field(default_factory=dict)  # task → file, one template per line
-    progress: bool = True
-    workers: int = 0
-
 
 def selected_tasks(known: list[str], tasks: list[str] | None) -> list[str]:
     """`--tasks` checked against the tasks the model was built for (all of them when not given)."""
@@ -297,8 +301,6 @@ def selected_tasks(known: list[str], tasks: list[str] | None) -> list[str]:
 
 
 def _folder_classnames(root: Path, task: str) -> list[str] | None:
-    from rankone.data import labeled_images
-
     if not (root / task).is_dir():
         return None
     return list(labeled_images(root, task).classnames)
@@ -322,8 +324,6 @@ def head_requests(
     come from the first of: `--classnames TASK=FILE`, the class folders of `--classnames-from
     DIR`/<task>/, the workspace's data/<task>/ (from `rankone fetch --dataset`).
     """
-    from rankone.heads import HEAD_SOURCES, fusionbench_classnames_and_templates, read_lines
-
     if heads_source not in HEAD_SOURCES:
         raise RankoneError(f"--heads-source {heads_source!r}: choose from {', '.join(HEAD_SOURCES)}")
     classnames, templates = classnames or {}, templates or {}
@@ -355,8 +355,6 @@ def head_requests(
 
 def task_heads(workspace: Workspace, requests: HeadRequests, device: torch.device) -> dict[str, Tensor]:
     """The zero-shot heads (cached in heads/), on `device`."""
-    from rankone.heads import heads_for_tasks
-
     return {task: head.to(device) for task, head in heads_for_tasks(workspace, requests, device).items()}
 
 
@@ -366,8 +364,6 @@ def unlabeled_sets(data: Path, tasks: list[str], transform, known: list[str] | N
     A task without a folder is an error, and so is a folder that is no task of the model
     (`known`, default `tasks`); folders of known tasks left out with --tasks are skipped.
     """
-    from rankone.data import ImageDataset, unlabeled_images
-
     if not data.is_dir():
         raise RankoneError(f"--data {data}: not a folder")
     present = sorted(entry.name for entry in data.iterdir() if entry.is_dir() and not entry.name.startswith("."))
@@ -382,8 +378,6 @@ def unlabeled_sets(data: Path, tasks: list[str], transform, known: list[str] | N
 
 
 def classify_with(encode: Callable[[Tensor], Tensor], heads: dict[str, Tensor]) -> Callable[[Tensor, str], Tensor]:
-    from rankone.heads import classify_logits
-
     return lambda images, task: classify_logits(encode(images), heads[task])
 
 
@@ -398,8 +392,6 @@ class AdaptationInputs:
 
 def adaptation_inputs(workspace: Workspace, options: AdaptOptions, known: list[str]) -> AdaptationInputs:
     """Tasks, head requests and unlabeled datasets, all checked before any model is built."""
-    from rankone.models import preprocess_for
-
     tasks = selected_tasks(known, options.tasks)
     requests = head_requests(workspace, tasks, options.heads_source, options.classnames_from, options.classnames, options.templates)
     unlabeled = unlabeled_sets(options.data, tasks, preprocess_for(workspace.architecture), known=known)
@@ -422,38 +414,3 @@ def save_adapted(
     with workspace.transaction() as staging:
         staging.save_tensors(relpath, tensors, {"rankone": json.dumps(metadata)})
     return relpath
-
-
-# ---- RankOne-MoE ------------------------------------------------------------------------
-
-ADAPTED_ROUTERS = "adapted/rankone.safetensors"
-
-
-def adapt_rankone(workspace: Workspace, options: AdaptOptions) -> str:
-    """Train the routers of the routed model built from pool.safetensors; write adapted/rankone.safetensors."""
-    from rankone.moe import check_routing, check_select, routed_model, router_parameters, router_state
-    from rankone.pool import read_pool
-
-    check_select(options.select)
-    check_routing(options.routing)
-    stored = read_pool(workspace)
-    inputs = adaptation_inputs(workspace, options, stored.tasks)
-    config = {"method": "rankone", "seed": options.seed, "lr": options.lr, "batch_size": options.batch_size,
-              "select": options.select, "routing": options.routing, "tasks": inputs.tasks, "k": stored.k, "lambda": stored.lam}
-    resume = resume_state(workspace, "rankone", options, config)
-    # Router initial noise comes from the seed too, so runs (and resumed runs) start from the same routers.
-    model = routed_model(workspace.architecture, stored.static, stored.pool, stored.lam, options.select,
-                         options.routing, stored.tasks, seed=options.seed).to(options.device)
-    heads = task_heads(workspace, inputs.requests, options.device)
-    losses = adapt_with_checkpoints(workspace, "rankone", classify_with(model, heads), router_parameters(model),
-                                    inputs.unlabeled, options, config, resume)
-    return save_adapted(workspace, ADAPTED_ROUTERS, router_state(model), config, options, inputs.requests, losses)
-
-
-ADAPT_METHODS: dict[str, Callable[[Workspace, AdaptOptions], str]] = {"rankone": adapt_rankone}
-
-# The comparison methods live in their own modules and reuse this file's loop and helpers.
-from rankone.adamerging import adapt_adamerging  # noqa: E402
-from rankone.wemoe import adapt_wemoe  # noqa: E402
-
-ADAPT_METHODS.update(adamerging=adapt_adamerging, wemoe=adapt_wemoe)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,13 +28,23 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from rankone.errors import RankoneError
+from rankone.methods.base import Method, MethodModel, pretrained_tower, register, visual_encoder
 from rankone.models import VISUAL_PREFIX, load_visual, visual_state
+from rankone.options import DEFAULT_LAMBDA, Options, learning_rate_option
+from rankone.task_vectors import load_task_vectors
+from rankone.training import AdaptOptions, adapt_with_checkpoints, adaptation_inputs, classify_with, save_adapted, task_heads
 from rankone.workspace import Workspace, read_tensors_metadata
 
 ADAPTED_COEFFICIENTS = "adapted/adamerging.safetensors"
 COEFFICIENTS = "coefficients"
-INITIAL_COEFFICIENT = 0.3
-DEFAULT_LR = 1e-3
+# The initial model is task arithmetic at the default λ.
+INITIAL_COEFFICIENT = DEFAULT_LAMBDA
+
+
+@dataclass(frozen=True)
+class AdaMergingOptions(Options):
+    title = "adamerging"
+    lr: float = learning_rate_option(1e-3)  # AdaMerging's own rate
 _PARAMETER_SUFFIX = re.compile(r"[._](weight|bias)$")
 
 
@@ -156,23 +167,18 @@ def read_coefficients(workspace: Workspace) -> tuple[Tensor, dict[str, Any]]:
 
 def adamerging_from_workspace(workspace: Workspace, device: torch.device | str = "cpu", trained: bool = True) -> AdaMergingModel:
     """The model over every workspace task; with `trained`, the coefficients of adapted/adamerging.safetensors."""
-    from rankone.task_vectors import load_task_vectors
-
     tasks = workspace.tasks
     if trained:
         coefficients, metadata = read_coefficients(workspace)
         tasks = list(metadata["tasks"])
-    base_visual = visual_state(workspace.load_tensors("base.safetensors"))
-    model = AdaMergingModel(workspace.architecture, base_visual, load_task_vectors(workspace, tasks), consume=True)
+    model = AdaMergingModel(workspace.architecture, pretrained_tower(workspace), load_task_vectors(workspace, tasks), consume=True)
     if trained:
         model.load_coefficients(coefficients, metadata["groups"], str(workspace.path(ADAPTED_COEFFICIENTS)))
     return model.to(device)
 
 
-def adamerging_method(workspace: Workspace, method: str, device: torch.device):
-    """methods.py loader for `rankone eval --method adamerging`: one merged tower for every task."""
-    from rankone.methods import MethodModel, visual_encoder
-
+def load_adamerging(workspace: Workspace, method: str, device: torch.device) -> MethodModel:
+    """The eval loader: one merged tower, from the trained coefficients, for every task."""
     model = adamerging_from_workspace(workspace, "cpu")
     with torch.no_grad():
         merged = model.merged_state()
@@ -182,22 +188,22 @@ def adamerging_method(workspace: Workspace, method: str, device: torch.device):
     return MethodModel(encoder_for_task=lambda task: encoder, parameters=parameters, name=method)
 
 
-def adapt_adamerging(workspace: Workspace, options) -> str:
-    """Train the coefficients on unlabeled images; write adapted/adamerging.safetensors.
-
-    `options` is adapt.AdaptOptions; a learning rate of None means 1e-3 (AdaMerging's).
-    """
-    from rankone.adapt import adapt_with_checkpoints, adaptation_inputs, classify_with, save_adapted, task_heads
-
-    if options.lr is None:
-        options.lr = DEFAULT_LR
+def adapt_adamerging(workspace: Workspace, options: AdaptOptions, method_options: AdaMergingOptions) -> str:
+    """Train the coefficients on unlabeled images; write adapted/adamerging.safetensors."""
     known = workspace.tasks
     inputs = adaptation_inputs(workspace, options, known)
     model = adamerging_from_workspace(workspace, options.device, trained=False)
     heads = task_heads(workspace, inputs.requests, options.device)
-    config = {"method": "adamerging", "seed": options.seed, "lr": options.lr, "batch_size": options.batch_size,
+    config = {"method": "adamerging", "seed": options.seed, "lr": method_options.lr, "batch_size": options.batch_size,
               "tasks": known, "adapted_on": inputs.tasks, "init": INITIAL_COEFFICIENT}
     losses = adapt_with_checkpoints(workspace, "adamerging", classify_with(model, heads), [model.coefficients],
-                                    inputs.unlabeled, options, config)
+                                    inputs.unlabeled, options, config, method_options.lr)
     return save_adapted(workspace, ADAPTED_COEFFICIENTS, {COEFFICIENTS: model.coefficients.detach()}, config, options,
                         inputs.requests, losses, groups=model.groups)
+
+
+METHOD = register(Method(
+    name="adamerging", kind="adaptive", summary="layer-wise task arithmetic, coefficients trained on unlabeled images",
+    row=80, load=load_adamerging, options=AdaMergingOptions, inputs=("base", "task-vectors"),
+    eval_inputs=("base", "task-vectors"), output=ADAPTED_COEFFICIENTS, adapt=adapt_adamerging,
+))

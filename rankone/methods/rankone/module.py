@@ -18,19 +18,39 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from rankone.errors import RankoneError
-# build_visual/load_visual live in models.py; imported here too because callers know them as moe's.
-from rankone.models import build_visual, load_visual  # noqa: F401
-from rankone.pool import pool_keys
+from rankone.methods.rankone.pool import pool_keys
+from rankone.models import load_visual
+from rankone.options import Options, option
 
 ROUTING_MODES = ("per-sample", "per-batch")
 GATE_SHARPNESS = 100.0
 ROUTER_INIT_STD = 0.01
+
+
+def parse_select(value: str) -> float | None:
+    """`--select 0.75` or `--select off` (no top-p gate)."""
+    if value.strip().lower() in ("off", "none"):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise RankoneError(f"--select {value!r}: expected a number in (0, 1] or `off`") from None
+
+
+@dataclass(frozen=True)
+class RoutingOptions(Options):
+    """How the routed MLPs gate their experts; they hold no weights, so a built model can change them."""
+
+    select: float | None = option(0.75, "Top-p ratio p of experts kept per sample, or `off`.", low=0.0, high=1.0,
+                                  low_open=True, parse=parse_select, note=" (or off)", metavar="P|off")
+    routing: str = option("per-sample", "per-sample, or per-batch (α averaged over the batch).", choices=ROUTING_MODES)
 
 
 def selected_count(select: float, experts: int) -> int:
@@ -48,13 +68,11 @@ def top_p_gate(alpha: torch.Tensor, select: float | None) -> torch.Tensor:
 
 
 def check_select(select: float | None) -> None:
-    if select is not None and not 0.0 < select <= 1.0:
-        raise RankoneError(f"--select {select}: must be in (0, 1] (or off)")
+    RoutingOptions(select=select)
 
 
 def check_routing(routing: str) -> None:
-    if routing not in ROUTING_MODES:
-        raise RankoneError(f"--routing {routing!r}: expected one of {', '.join(ROUTING_MODES)}")
+    RoutingOptions(routing=routing)
 
 
 class RankOneMLP(nn.Module):
@@ -239,8 +257,8 @@ def routed_model(
     base_state: dict[str, torch.Tensor],
     pool: dict[str, torch.Tensor],
     lam: float,
-    select: float | None = 0.75,
-    routing: str = "per-sample",
+    select: float | None = RoutingOptions.select,
+    routing: str = RoutingOptions.routing,
     tasks: list[str] | None = None,
     *,
     seed: int = 0,

@@ -1,0 +1,89 @@
+"""The typer app, the options every command shares, and `main` (one line and exit code 2 for a user error)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from rankone import __version__
+from rankone.errors import RankoneError
+from rankone.pipeline import DEFAULT_WORKSPACE
+
+app = typer.Typer(
+    name="rankone",
+    help="Merge fine-tuned CLIP image towers with RankOne-MoE, stage by stage in a workspace.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+console = Console()
+error_console = Console(stderr=True)
+
+WorkspaceOption = Annotated[
+    Path, typer.Option("-w", "--workspace", help="Workspace directory every stage reads and writes.")
+]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
+
+
+@contextlib.contextmanager
+def step_bar(description: str, total: int) -> Iterator[Callable[..., None]]:
+    """A rich progress bar on stderr; yields a callback advancing it by one."""
+    progress = Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=error_console)
+    task = progress.add_task(description, total=total)
+    with progress:
+        yield lambda *_: progress.advance(task)
+
+
+def say(line: str) -> None:
+    """A plain line on stdout: paths and numbers, never rich markup (a file may be called `shot[1].png`)."""
+    console.print(line, soft_wrap=True, highlight=False, markup=False)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"rankone {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Merge fine-tuned CLIP image towers with RankOne-MoE, stage by stage in a workspace.
+
+    Typical run: fetch → task-vectors → build-pool → adapt → eval → export → predict, or
+    all of it from one file: rankone run PIPELINE.yaml.
+    """
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except RankoneError as error:
+        error_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        error_console.print("aborted")
+        sys.exit(130)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except Exception as error:
+        # Usage errors come from the click that typer bundles; recognised by shape, not import.
+        if callable(getattr(error, "show", None)) and isinstance(getattr(error, "exit_code", None), int):
+            error.show()
+            sys.exit(error.exit_code)
+        raise
+
+
+__all__ = ["DEFAULT_WORKSPACE", "DeviceOption", "WorkspaceOption", "app", "console", "error_console", "main", "say", "step_bar"]

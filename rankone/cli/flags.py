@@ -1,0 +1,120 @@
+"""CLI flags derived from options dataclasses: a typer command per stage, no flag written by hand.
+
+`stage_command` builds a function whose signature typer reads: one keyword parameter per
+declared option (its flag, help text, metavar and default come from the declaration),
+plus `-w/--workspace` and `--device`. Options of the methods a stage can take are merged
+by name: `--lambda` is one flag for every static merge, and its help says which methods use
+it and with what default. The values reach `pipeline.stage_options`, which checks them
+exactly as it checks a YAML file's.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING
+from typing import Annotated, Any, Optional
+
+import typer
+
+from rankone import methods
+from rankone.cli.app import DEFAULT_WORKSPACE, DeviceOption, WorkspaceOption
+from rankone.options import Options, OptionInfo, base_type
+from rankone.pipeline import Stage
+
+KEYWORD = inspect.Parameter.KEYWORD_ONLY
+
+
+def _cli_type(info: OptionInfo, optional: bool) -> Any:
+    """The type typer parses the flag as; our own checks (ranges, choices, `off`) run afterwards."""
+    base, _ = base_type(info.type)
+    if typing.get_origin(base) in (list, dict):
+        return Optional[list[str]]
+    if info.declared.parse is not None:
+        base = str
+    return Optional[base] if optional else base
+
+
+def _shown(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def merged_options(classes: list[type[Options]], owners: dict[type[Options], list[str]]) -> list[tuple[OptionInfo, str]]:
+    """Options of several classes merged by field name, each with a help text that says who uses it and its default."""
+    merged: dict[str, list[tuple[OptionInfo, list[str]]]] = {}
+    for options_class in classes:
+        for info in options_class.options():
+            merged.setdefault(info.name, []).append((info, owners[options_class]))
+    everyone = sorted({name for names in owners.values() for name in names})
+    found = []
+    for entries in merged.values():
+        first = entries[0][0]
+        users = sorted({name for _, names in entries for name in names})
+        defaults = {_shown(info.default) for info, _ in entries if info.default is not MISSING}
+        if len(defaults) == 1:
+            default_text = f"default {defaults.pop()}"
+        else:
+            default_text = "default " + "; ".join(f"{', '.join(names)}: {_shown(info.default)}" for info, names in entries)
+        who = "" if users == everyone else f"{', '.join(users)} only; "
+        found.append((first, f"{first.declared.help} ({who}{default_text})"))
+    return found
+
+
+def _parameter(info: OptionInfo, help_text: str, default: Any) -> inspect.Parameter:
+    if isinstance(default, (dict, list)) and not default:
+        default = None  # not given: the options' own empty default applies
+    optional = default is None
+    annotation = _cli_type(info, optional)
+    option = typer.Option(info.flag, help=help_text, metavar=info.declared.metavar, show_default=not optional)
+    return inspect.Parameter(info.name, KEYWORD, default=... if default is MISSING else default,
+                             annotation=Annotated[annotation, option])
+
+
+def stage_command(
+    app: typer.Typer,
+    stage: Stage,
+    help_text: str,
+    body: Callable[[dict[str, Any]], None],
+    *,
+    extra: list[inspect.Parameter] = (),
+    skip: tuple[str, ...] = (),
+    context_settings: dict | None = None,
+) -> None:
+    """Register `rankone STAGE`: flags from the stage's options and its methods', then `body(values)`.
+
+    `values` maps every parameter name to what was typed (None for a method option not
+    given); `skip` leaves out options the command declares itself in `extra`.
+    """
+    parameters: list[inspect.Parameter] = []
+    if context_settings and context_settings.get("allow_extra_args"):
+        parameters.append(inspect.Parameter("ctx", KEYWORD, annotation=typer.Context))
+    for info in stage.options.options():
+        if info.name in skip:
+            continue
+        parameters.append(_parameter(info, info.declared.help, info.default))
+    owners: dict[type[Options], list[str]] = {}
+    kind = None if stage.method_kind == "any" else stage.method_kind
+    if stage.method_kind not in (None, "any"):
+        for method in methods.registered():
+            if method.kind == kind:
+                owners.setdefault(method.options, []).append(method.name)
+        for info, text in merged_options(stage.method_option_classes(), owners):
+            parameters.append(_parameter(info, text, None))
+    parameters += list(extra)
+    parameters += [
+        inspect.Parameter("workspace", KEYWORD, default=DEFAULT_WORKSPACE, annotation=WorkspaceOption),
+        inspect.Parameter("device", KEYWORD, default="auto", annotation=DeviceOption),
+    ]
+
+    def command(**values: Any) -> None:
+        body(values)
+
+    command.__signature__ = inspect.Signature(parameters)
+    command.__name__ = stage.name.replace("-", "_") + "_command"
+    command.__doc__ = help_text
+    command.__annotations__ = {}
+    app.command(stage.name, context_settings=context_settings)(command)
+
+
+__all__ = ["merged_options", "stage_command"]

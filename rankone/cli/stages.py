@@ -1,0 +1,262 @@
+"""`rankone fetch`, `task-vectors`, `build-pool`, `merge`, `adapt`, `eval`, `compare`, `export`, `run`:
+each a thin command over `pipeline.STAGES` (flags derived by `flags.stage_command`) that prints a summary."""
+
+from __future__ import annotations
+
+import inspect
+import shlex
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from rankone import methods, pipeline
+from rankone.cli import render
+from rankone.cli.app import DEFAULT_WORKSPACE, DeviceOption, WorkspaceOption, app, console, error_console, say, step_bar
+from rankone.cli.flags import KEYWORD, stage_command
+from rankone.errors import RankoneError
+from rankone.examples.zoo import build_zoo, recipe
+from rankone.models import resolve_device
+from rankone.sources import describe_presets
+from rankone.workspace import Workspace
+
+HELP = {
+    "fetch": """Fetch the base CLIP and the fine-tuned experts into a workspace, in open_clip's layout.
+
+    Writes base.safetensors, experts/<task>.safetensors and the manifest in one step; a failure leaves the workspace untouched. Running it again replaces the models and removes what later stages derived from them; fetched test images stay for tasks still present. Conversion runs on the CPU whatever --device says. Offline: HF_HUB_OFFLINE=1 reads only huggingface_hub's cache (HF_HOME, HF_HUB_CACHE).
+
+    Example: rankone fetch --preset vit-b-32-ta8 --dataset mnist=hf:ylecun/mnist -w rankone-work
+
+    Example: rankone fetch --base hf:openai/clip-vit-base-patch32 --expert dtd=./dtd-model --expert stanford-cars=cars.safetensors
+    """,
+    "task-vectors": """Compute task vectors τ = θt − θ0 and where fine-tuning moved the weights.
+
+    Writes task_vectors/<task>.safetensors and task_vectors/analysis.json: per block, the mean
+    over tasks of the L2 norm of the attention and of the MLP task vector (the paper's
+    Figure 2). Subtraction runs on the CPU whatever --device says.
+
+    Example: rankone task-vectors -w rankone-work --plot
+    """,
+    "build-pool": """Split every MLP task vector into its top-k rank-one experts; merge the rest statically.
+
+    Reads task_vectors/ (from `rankone task-vectors`), writes pool.safetensors, and prints
+    the fraction of ‖τ‖² the experts keep and the merged model's parameter count.
+
+    Example: rankone build-pool -w rankone-work --k 32 --lambda 0.3
+    """,
+    "merge": """Merge the task vectors statically into one image tower: merged/<method>.safetensors.
+
+    weight-averaging: mean θt.  task-arithmetic: θ0 + λΣτ.  ties: trim to the top
+    magnitudes, elect signs, disjoint mean, θ0 + λ·merged.  dare: random drop with
+    rescale, then task arithmetic. Options are recorded in the file's metadata.
+
+    Example: rankone merge --method ties --top 0.2 --lambda 0.3
+    """,
+    "adapt": """Train the routers on unlabeled test images by entropy minimisation (test-time adaptation).
+
+    Heads need class names: they come from --heads-source fusionbench, --classnames
+    TASK=FILE, --classnames-from DIR, or the workspace's data/<task>/<class>/ folders (from
+    `rankone fetch --dataset`). Use the same heads as `rankone eval` will.
+
+    Example: rankone adapt -w rankone-work --data ./unlabeled --classnames-from ./test --steps 1000
+    """,
+    "eval": """Top-1 accuracy of a method on each task's labeled test images; writes eval/<method>.json.
+
+    Heads are zero-shot heads of the pretrained text tower, cached in heads/. --dtype bf16
+    runs the image encoder in half precision; the report records the dtype.
+
+    --routing shows whether the routers tell the tasks apart: mean gates by whose images
+    (rows) and whose experts (columns), averaged over blocks; per block in the report.
+
+    Example: rankone eval --method ties --tasks sun397 stanford-cars --data data --heads-source fusionbench
+
+    Example: rankone eval --method rankone --dtype bf16
+
+    Example: rankone eval --method rankone --routing
+    """,
+    "compare": """Evaluate every method the workspace can run, like the paper's Table 1.
+
+    Rows: pretrained, individual, each merged/<method>, each adapted/<method>
+    (adamerging, wemoe, rankone); an oracle such as perfect-router when named in
+    --methods. Columns: top-1 % per task, the average, and parameters relative to the
+    pretrained image tower. Writes compare.json, compare.md and eval/<method>.json (the
+    files `rankone eval` writes), all at the end, so an error changes nothing.
+
+    Example: rankone compare -w rankone-work --data data --tasks cars,dtd
+    """,
+    "export": """Write the adapted RankOne-MoE model as one self-contained folder (no text tower needed).
+
+    Example: rankone export -w rankone-work --out ./rankone-model --dtype fp16
+    """,
+}
+
+
+def context(device: str) -> pipeline.Context:
+    return pipeline.Context(device=resolve_device(device), bar=step_bar, note=lambda line: error_console.print(line, highlight=False))
+
+
+def _tasks_with_extra_words(values: dict[str, Any], command: str) -> None:
+    """`--tasks a b`: typer leaves `b` in ctx.args; fold it into the list (`--tasks a,b` works as it is)."""
+    ctx = values.pop("ctx", None)
+    extra = list(ctx.args) if ctx is not None else []
+    if extra and not values.get("tasks"):
+        raise RankoneError(f"{command}: unexpected argument {extra[0]!r} (tasks go after --tasks)")
+    for value in extra:
+        if value.startswith("-"):
+            raise RankoneError(f"{command}: unknown option {value!r}")
+    if extra:
+        values["tasks"] = list(values["tasks"]) + extra
+
+
+def run_command(name: str, values: dict[str, Any]) -> tuple[Workspace, Any]:
+    """Check every option, then run the stage: nothing is read or written before the options pass."""
+    stage = pipeline.STAGES[name]
+    workspace, device = Workspace(values.pop("workspace")), values.pop("device")
+    options, method_options = pipeline.stage_options(stage, values)
+    run_context = context(device)
+    return workspace, pipeline.run_stage(stage, workspace, options, method_options, run_context)
+
+
+def _fetch(values: dict[str, Any]) -> None:
+    if values.pop("list_presets"):
+        console.print(render.presets_table(describe_presets()))
+        return
+    workspace, _ = run_command("fetch", values)
+    console.print(render.fetch_table(workspace))
+
+
+def _task_vectors(values: dict[str, Any]) -> None:
+    workspace, analysis = run_command("task-vectors", values)
+    console.print(render.analysis_table(analysis))
+    written = f"wrote {len(workspace.tasks)} task vectors and {workspace.path(pipeline.ANALYSIS_FILE)}"
+    if values.get("plot"):
+        written += f" and {workspace.path('task_vectors/analysis.png')}"
+    say(written)
+
+
+def _build_pool(values: dict[str, Any]) -> None:
+    workspace, report = run_command("build-pool", values)
+    console.print(render.kept_energy_table(report, values["k"]))
+    for line in render.pool_counts(report):
+        console.print(line)
+    say(f"wrote {workspace.path('pool.safetensors')}")
+
+
+def _merge(values: dict[str, Any]) -> None:
+    workspace, record = run_command("merge", values)
+    settings = ", ".join(f"{name} {value}" for name, value in record.items() if name != "method")
+    written = workspace.path(methods.get(record["method"]).output)
+    say(f"wrote {written}" + (f" ({settings})" if settings else ""))
+
+
+def _adapt(values: dict[str, Any]) -> None:
+    workspace, result = run_command("adapt", values)
+    say(f"wrote {workspace.path(result['written'])}")
+
+
+def _eval(values: dict[str, Any]) -> None:
+    _tasks_with_extra_words(values, "eval")
+    workspace, report = run_command("eval", values)
+    console.print(render.eval_table(report))
+    console.print(f"image model parameters (heads excluded): {report['parameters']:,}")
+    if values.get("routing"):
+        console.print(render.routing_table(report["routing"]))
+    say(f"wrote {workspace.path(report['written'])}")
+
+
+def _compare(values: dict[str, Any]) -> None:
+    _tasks_with_extra_words(values, "compare")
+    workspace, summary = run_command("compare", values)
+    render.print_compare(console, summary)
+    say(f"wrote {workspace.path('compare.json')}, {workspace.path('compare.md')} and {len(summary['rows'])} reports in {workspace.path('eval')}")
+
+
+def _export(values: dict[str, Any]) -> None:
+    _, result = run_command("export", values)
+    say(f"wrote {result['out']} (tasks: {', '.join(result['tasks'])}; {result['parameters']['total']:,} parameters + heads; "
+        f"{result['dtype']}, {result['bytes'] / 1e6:,.2f} MB)")
+
+
+_LIST_PRESETS = inspect.Parameter("list_presets", KEYWORD, default=False,
+                                  annotation=Annotated[bool, typer.Option("--list-presets", help="List the presets and exit.")])
+_TASKS_WORDS = {"allow_extra_args": True}
+
+stage_command(app, pipeline.STAGES["fetch"], HELP["fetch"], _fetch, extra=[_LIST_PRESETS])
+stage_command(app, pipeline.STAGES["task-vectors"], HELP["task-vectors"], _task_vectors)
+stage_command(app, pipeline.STAGES["build-pool"], HELP["build-pool"], _build_pool)
+stage_command(app, pipeline.STAGES["merge"], HELP["merge"], _merge)
+stage_command(app, pipeline.STAGES["adapt"], HELP["adapt"], _adapt)
+stage_command(app, pipeline.STAGES["eval"], HELP["eval"], _eval, context_settings=_TASKS_WORDS)
+stage_command(app, pipeline.STAGES["compare"], HELP["compare"], _compare, context_settings=_TASKS_WORDS)
+stage_command(app, pipeline.STAGES["export"], HELP["export"], _export)
+
+
+@app.command("run")
+def run_file(
+    file: Annotated[Path, typer.Argument(help="A pipeline YAML file (see examples/).", metavar="PIPELINE.yaml")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (each stage, run or skipped and why) and touch nothing.")] = False,
+    workspace: Annotated[Optional[Path], typer.Option("-w", "--workspace", help="Workspace (default: the file's `workspace:`, else rankone-work).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="Device (default: the file's `device:`, else auto).")] = None,
+) -> None:
+    """Run a whole pipeline described in one YAML file, skipping the stages already done.
+
+    A stage is skipped when the workspace recorded it with the same options, after the same
+    earlier stages, and its outputs are unchanged; a changed option reruns that stage and
+    every stage after it. A failed run resumes where it stopped.
+
+    Example: rankone run examples/vit-b-32-ta8.yaml --dry-run
+
+    Example: rankone run examples/demo.yaml -w demo-work
+    """
+    chosen = load(file, workspace, device)
+    if dry_run:
+        for index, planned in enumerate(pipeline.plan(chosen)):
+            say(render.plan_line(index, planned, chosen))
+        return
+    execute(chosen)
+
+
+def load(file: Path, workspace: Path | None, device: str | None) -> pipeline.Pipeline:
+    """The pipeline file, with the example zoo built first when it names one (`${ZOO}`)."""
+    return pipeline.load_pipeline(file, workspace=workspace, device=device,
+                                  examples=lambda name: load_example(name, device or "auto"))
+
+
+def load_example(name: str, device: str) -> dict[str, str]:
+    """Build (or reuse) the built-in example's zoo with progress bars; `${ZOO}` is its folder."""
+    bars: list = []
+
+    def on_stage(description: str, total: int):
+        while bars:
+            bars.pop().__exit__(None, None, None)
+        bar = step_bar(description, total)
+        advance = bar.__enter__()
+        bars.append(bar)
+        return advance
+
+    try:
+        built = build_zoo(recipe(quick=name == "quick"), device=resolve_device(device), on_stage=on_stage)
+    finally:
+        while bars:
+            bars.pop().__exit__(None, None, None)
+    return {"ZOO": str(built.root)}
+
+
+def execute(chosen: pipeline.Pipeline) -> list[dict[str, Any]]:
+    """Run the plan, printing each stage as the command that runs it by hand, and a summary after it."""
+    run_context = context(chosen.device)
+
+    def on_step(planned: pipeline.PlannedStep, index: int) -> None:
+        command = " ".join(_quote(arg) for arg in planned.step.command(chosen.workspace, chosen.device))
+        say(("$ rankone " if planned.run else "skip rankone ") + command + ("" if planned.run else f"  ({planned.reason})"))
+
+    def on_result(planned: pipeline.PlannedStep, result: Any) -> None:
+        for line in render.stage_summary(planned.step, result):
+            say("  " + line)
+
+    return pipeline.run_pipeline(chosen, run_context, on_step=on_step, on_result=on_result)
+
+
+def _quote(arg: str) -> str:
+    return shlex.quote(arg)

@@ -1,0 +1,199 @@
+"""`rankone predict`, `inspect`, `finetune` and `demo`: the commands around the pipeline."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+from rich.table import Table
+
+from rankone.cli import render
+from rankone.cli.app import DEFAULT_WORKSPACE, DeviceOption, WorkspaceOption, app, console, say, step_bar
+from rankone.cli.stages import execute, load_example
+from rankone.errors import RankoneError
+from rankone.examples import demo
+from rankone.finetune import finetune_expert, load_base
+from rankone.heads import read_lines
+from rankone.inspection import architecture_report, inventory
+from rankone.methods.rankone.artifact import load, predict as predict_images
+from rankone.models import named_architecture, resolve_device, resolve_dtype
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="[DIR] IMAGE...: an exported model folder or a workspace (default: -w), then image files.", metavar="PATH")],
+    task: Annotated[str, typer.Option("--task", help="Which task's classes to predict.")],
+    top: Annotated[int, typer.Option("--top", help="How many classes to print.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Precision the image tower computes in: fp32 (default), fp16 or bf16.")] = None,
+    workspace: WorkspaceOption = DEFAULT_WORKSPACE,
+    device: DeviceOption = "auto",
+) -> None:
+    """Print the top classes of --task with their probabilities for each image.
+
+    The model is DIR when the first argument is a folder (an export or a workspace), otherwise the workspace's adapted model (-w).
+
+    Example: rankone predict ./rankone-model --task cars photo1.jpg photo2.jpg --json
+
+    Example: rankone predict -w rankone-work --task cars --dtype bf16 photo1.jpg
+    """
+    if dtype is not None:
+        resolve_dtype(dtype)
+    # An image is never a folder, so a leading folder can only be the model.
+    if not paths[0].exists():
+        raise RankoneError(f"{paths[0]}: no such model folder or image file")
+    model_dir, images = (paths[0], paths[1:]) if paths[0].is_dir() else (workspace, paths)
+    if not images:
+        raise RankoneError(f"predict: no IMAGE given after the model folder {model_dir}")
+    if model_dir == workspace and not Path(workspace).is_dir():
+        raise RankoneError(f"-w {workspace}: no such workspace; pass the model folder first (rankone predict DIR --task TASK IMAGE...) or -w WORKSPACE")
+    model = load(model_dir, resolve_device(device), dtype)
+    results = predict_images(model, images, task, top)
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    for result in results:
+        console.print(f"[bold]{result['image']}[/]", soft_wrap=True, highlight=False)
+        for entry in result["top"]:
+            console.print(f"  {entry['probability']:7.2%}  {entry['class']}", highlight=False)
+
+
+@app.command("inspect")
+def inspect_command(
+    path: Annotated[Optional[Path], typer.Argument(help="A workspace, an exported model folder or a .safetensors file (default: the workspace).", metavar="PATH")] = None,
+    architecture: Annotated[Optional[str], typer.Option("--architecture", help="Count from an open_clip architecture alone (e.g. ViT-B-32, ViT-L-14); no weights needed.")] = None,
+    tasks: Annotated[int, typer.Option("--tasks", help="With --architecture: number of tasks for RankOne-MoE (WEMoE is shown for 8, 20 and this).")] = 8,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    workspace: WorkspaceOption = DEFAULT_WORKSPACE,
+    device: DeviceOption = "auto",
+) -> None:
+    """Tensors by role (towers, experts, task vectors, pool, routers, heads…).
+
+    Counts and bytes per role, read from safetensors headers only. With
+    --architecture: parameter counts of RankOne-MoE (k = 16, 32, 64, 128) and
+    WEMoE, from the real modules built on the meta device (no weights needed).
+
+    Examples: rankone inspect ./rankone-model
+
+              rankone inspect --architecture ViT-L-14 --tasks 20
+    """
+    resolve_device(device)
+    if architecture is not None:
+        if path is not None:
+            raise RankoneError("inspect: give either PATH or --architecture, not both")
+        report = architecture_report(named_architecture(architecture), tasks)
+        if as_json:
+            print(json.dumps(report, indent=2))
+            return
+        table = Table(title=f"{report['architecture']}: image-model parameters (heads excluded)")
+        for column in ("model", "experts", "routers", "total", "× tower"):
+            table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
+        table.add_row("pretrained tower", "", "", f"{report['tower']:,}", "1.000")
+        for row in report["rankone"]:
+            table.add_row(f"RankOne-MoE T={row['tasks']} k={row['k']}", f"{row['pool']:,}", f"{row['routers']:,}", f"{row['total']:,}", f"{row['relative']:.3f}")
+        for row in report["wemoe"]:
+            table.add_row(f"WEMoE T={row['tasks']}", f"{row['task_vectors']:,}", f"{row['routers']:,}", f"{row['total']:,}", f"{row['relative']:.3f}")
+        console.print(table)
+        console.print("experts: RankOne-MoE's rank-one pool, WEMoE's dense MLP task vectors. Counted from open_clip's "
+                      "image tower with its projection; every total includes the tower.")
+        return
+    found = inventory(path if path is not None else workspace)
+    if as_json:
+        rows = [{"role": row.role, "files": len(row.files), "tensors": row.tensors, "parameters": row.parameters, "bytes": row.nbytes}
+                for row in found.roles]
+        print(json.dumps({"path": str(found.path), "kind": found.kind, "files": found.files, "roles": rows}, indent=2))
+        return
+    table = Table(title=f"{found.path} ({found.kind}, {found.files} safetensors file{'s' if found.files != 1 else ''})")
+    for column in ("role", "files", "tensors", "parameters", "size"):
+        table.add_column(column, justify="left" if column == "role" else "right")
+    for row in found.roles:
+        table.add_row(row.role, str(len(row.files)), f"{row.tensors:,}", f"{row.parameters:,}", render.size(row.nbytes))
+    table.add_section()
+    table.add_row("total", str(found.files), f"{sum(row.tensors for row in found.roles):,}", f"{found.total_parameters:,}", render.size(found.total_bytes))
+    console.print(table)
+
+
+
+@app.command("finetune")
+def finetune_command(
+    task: Annotated[str, typer.Option("--task", help="Task name: DATA/<task>/<class>/<image> holds its training images.")],
+    data: Annotated[Path, typer.Option("--data", help="Labeled training images, DATA/<task>/<class>/<image>.")],
+    out: Annotated[Path, typer.Option("--out", help="New folder for the expert (open_clip_config.json + open_clip_model.safetensors).")],
+    base: Annotated[Optional[str], typer.Option("--base", help="Pretrained CLIP SOURCE (as for `rankone fetch`); default: the workspace's base.")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Adam steps.")] = 2000,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 1e-5,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = 32,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for the data order.")] = 0,
+    templates: Annotated[Optional[Path], typer.Option("--templates", help="FILE of templates with {}, one per line (default: rankone's set for the task).")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a pickle base (.bin/.pt), read with torch.load(weights_only=True).")] = False,
+    workspace: WorkspaceOption = DEFAULT_WORKSPACE,
+    device: DeviceOption = "auto",
+) -> None:
+    """Fine-tune the image tower on one task against its frozen zero-shot head.
+
+    FusionBench's recipe: Adam, lr 1e-5, batch 32, only the image tower trains. Writes an
+    open_clip directory that `rankone fetch --expert TASK=DIR` accepts.
+
+    Example: rankone finetune --base rankone-zoo/base --task digits --data data/finetune --out experts/digits --steps 600
+    """
+    resolved = resolve_device(device)
+    architecture, base_state = load_base(base, workspace, trust_pickle=trust_pickle)
+    template_list = read_lines(templates, "templates") if templates is not None else None
+    with step_bar(f"fine-tuning {task}", steps) as advance:
+        result = finetune_expert(
+            architecture, base_state, task, data, out, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+            templates=template_list, device=resolved, on_step=advance,
+        )
+    console.print(
+        f"fine-tuned {task} on {result.images} images ({len(result.classnames)} classes), "
+        f"loss {result.losses[0]:.3f} → {sum(result.losses[-20:]) / len(result.losses[-20:]):.3f}; wrote {result.out}",
+        highlight=False,
+    )
+
+
+
+@app.command("demo")
+def demo_command(
+    quick: Annotated[bool, typer.Option("--quick", help="Toy sizes: the same stages in under 2 minutes.")] = False,
+    seeds: Annotated[Optional[int], typer.Option("--seeds", help="RankOne-MoE adaptation seeds to average (default: the file's, 3; 1 with --quick).")] = None,
+    zoo_path: Annotated[bool, typer.Option("--zoo-path", help="Only build (or reuse) the example zoo and print its folder, to run the stages by hand.")] = False,
+    workspace: WorkspaceOption = DEFAULT_WORKSPACE,
+    device: DeviceOption = "auto",
+) -> None:
+    """Run the whole pipeline on the built-in offline example suite and print the comparison.
+
+    Builds (once, cached under $RANKONE_CACHE, default ~/.cache/rankone) six small tasks from
+    scikit-learn digits, matplotlib's fonts and scikit-image's pictures, a tiny CLIP pretrained
+    on them and one expert per task made with `rankone finetune`; then runs the example's
+    pipeline file (rankone/examples/demo.yaml, or demo-quick.yaml) as `rankone run` does,
+    printing each stage as the command that runs it. A toy illustration of the method, not a
+    reproduction of the paper's numbers.
+
+    Example: rankone demo --quick -w demo-work
+
+    Example: ZOO=$(rankone demo --zoo-path)  # base/, experts/<task>/, data/{finetune,test,unlabeled}/
+    """
+    missing = [name for name in ("sklearn", "skimage", "matplotlib") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise RankoneError(f"demo: the example suite needs {', '.join(missing)}; install them with pip install 'rankone[examples]'")
+    if seeds is not None and seeds < 1:
+        raise RankoneError(f"--seeds {seeds}: must be at least 1")
+    resolved = resolve_device(device)
+    if resolved.type == "cpu":
+        torch.set_num_threads(min(torch.get_num_threads(), 2))
+    example = "quick" if quick else "full"
+    if zoo_path:
+        print(load_example(example, device)["ZOO"])
+        return
+    chosen = demo.demo_pipeline(example, workspace, device, seeds, load_example(example, device))
+    console.print(f"example zoo: {chosen.variables['ZOO']}", highlight=False)
+    records = execute(chosen)
+    result = demo.demo_result(chosen, records)
+    for line in demo.result_lines(result):
+        say(line)
+    demo.write_result_json(result, Path(workspace) / "demo.json")
+    say(f"wrote {Path(workspace) / 'demo.json'}")

@@ -1,0 +1,159 @@
+"""What a method is: one `Method` record per module, registered once with `register`.
+
+A method states, in one place, its name, its kind, what it needs from the workspace, its
+options dataclass, and the functions that build (static merges), adapt (adaptive methods),
+load for evaluation and export it. `rankone.methods` imports every module of this package,
+so a new method is one new file; compare's row order, eval's loaders and adapt's table all
+read the registry.
+
+`MethodModel.parameters` counts every tensor the image model needs at inference,
+classification heads excluded; for `individual` it is T towers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from rankone.errors import RankoneError
+from rankone.models import load_clip, visual_state
+from rankone.options import NoOptions, Options
+from rankone.task_vectors import task_vector_path
+from rankone.workspace import Workspace
+
+KINDS = ("reference", "static", "adaptive")
+BASE_FILE = "base.safetensors"
+POOL_FILE = "pool.safetensors"
+# What a method can need from the workspace besides its own output file.
+NEEDS = ("base", "experts", "task-vectors", "pool")
+
+
+@dataclass
+class MethodModel:
+    """A method ready to evaluate: `encoder_for_task(task)` maps preprocessed images to image embeddings."""
+
+    encoder_for_task: Callable[[str], nn.Module]
+    parameters: int
+    name: str = ""
+    # open_clip's evaluation transform; `load_method` fills it in from the workspace when a loader leaves it None.
+    preprocess: Callable[[Any], torch.Tensor] | None = None
+    # The precision the encoders run in (`load_method(dtype=...)`); embeddings, heads and logits are fp32 whatever it is.
+    dtype: str = "fp32"
+
+
+Loader = Callable[[Workspace, str, torch.device], MethodModel]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One merging method, as the registry knows it."""
+
+    name: str
+    kind: str  # reference, static or adaptive
+    summary: str  # one line, for --help and error messages
+    row: int  # position in compare's table (the paper's order: references, static, adaptive)
+    load: Loader  # (workspace, name, device) → MethodModel, for eval and compare
+    options: type[Options] = NoOptions  # options of `merge` (static) or `adapt` (adaptive)
+    # Workspace inputs that building or adapting the method reads (adaptive methods also read unlabeled images).
+    inputs: tuple[str, ...] = ()
+    # Workspace inputs that evaluating it reads, besides its own output.
+    eval_inputs: tuple[str, ...] = ("base",)
+    output: str | None = None  # the file `rankone merge` or `rankone adapt` writes, relative to the workspace
+    # Static merges: (task vectors, options, progress) → the update to add to θ0; a plain tensor function.
+    merge: Callable[..., dict[str, torch.Tensor]] | None = None
+    # Adaptive methods: (workspace, adapt-stage options, method options) → relpath written.
+    adapt: Callable[..., str] | None = None
+    # (workspace, out folder, dtype, device) → the config written; None: no export yet.
+    export: Callable[..., dict] | None = None
+    # An oracle told the task (perfect router): compared only when asked for by name.
+    oracle: bool = False
+    # Has routers whose gates `rankone eval --routing` can report.
+    routed: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"method {self.name}: kind {self.kind!r} is not one of {KINDS}")
+        unknown = [need for need in (*self.inputs, *self.eval_inputs) if need not in NEEDS]
+        if unknown:
+            raise ValueError(f"method {self.name}: unknown input {unknown[0]!r}")
+        if self.kind == "static" and (self.merge is None or self.output is None):
+            raise ValueError(f"method {self.name}: a static method needs `merge` and `output`")
+        if self.kind == "adaptive" and (self.adapt is None or self.output is None):
+            raise ValueError(f"method {self.name}: an adaptive method needs `adapt` and `output`")
+
+    def input_files(self, workspace: Workspace, needs: tuple[str, ...] | None = None) -> list[str]:
+        """The workspace files behind `needs` (default: what building or adapting reads)."""
+        tasks = workspace.tasks
+        files: list[str] = []
+        for need in self.inputs if needs is None else needs:
+            if need == "base":
+                files.append(BASE_FILE)
+            elif need == "experts":
+                files += [f"experts/{task}.safetensors" for task in tasks]
+            elif need == "task-vectors":
+                files += [task_vector_path(task) for task in tasks]
+            elif need == "pool":
+                files.append(POOL_FILE)
+        return files
+
+    def eval_files(self, workspace: Workspace) -> list[str]:
+        """Every workspace file evaluating the method reads, its own output included."""
+        return self.input_files(workspace, self.eval_inputs) + ([self.output] if self.output else [])
+
+    def missing_files(self, workspace: Workspace) -> list[str]:
+        """The files evaluation needs that the workspace's manifest does not record."""
+        present = set(workspace.manifest().get("files", {}))
+        return [relpath for relpath in self.eval_files(workspace) if relpath not in present]
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add a method to the registry (once per name); returns it, so a module can keep `METHOD = register(...)`."""
+    if method.name in _REGISTRY and _REGISTRY[method.name] is not method:
+        raise ValueError(f"method {method.name!r} is registered twice")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def registered() -> list[Method]:
+    """Every registered method, in compare's row order."""
+    return sorted(_REGISTRY.values(), key=lambda method: (method.row, method.name))
+
+
+# ---- helpers several loaders share ---------------------------------------------------------
+
+def visual_encoder(architecture: dict[str, Any], visual_tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> nn.Module:
+    """The image tower of `architecture` with `visual_tensors` loaded, in eval mode on `device`."""
+    model = load_clip(architecture, visual_state(visual_tensors))
+    encoder = model.visual
+    del model
+    return encoder.to(device).eval()
+
+
+def one_task_at_a_time(tasks: list[str], method: str, build: Callable[[str], nn.Module]) -> Callable[[str], nn.Module]:
+    """`encoder_for_task` for methods with one tower per task, keeping one in memory at a time.
+
+    Evaluation goes task by task, so a T-task method never holds T towers at once.
+    """
+    loaded: dict[str, nn.Module] = {}
+
+    def encoder_for_task(task: str) -> nn.Module:
+        if task not in tasks:
+            raise RankoneError(f"--method {method}: no expert for task {task!r}; the workspace has {', '.join(tasks)}")
+        if task not in loaded:
+            loaded.clear()
+            loaded[task] = build(task)
+        return loaded[task]
+
+    return encoder_for_task
+
+
+def pretrained_tower(workspace: Workspace) -> dict[str, torch.Tensor]:
+    """The pretrained image tower (`visual.*`) of the workspace base."""
+    return visual_state(workspace.load_tensors(BASE_FILE))
