@@ -8,6 +8,7 @@ def load(path, device="cpu", dtype=None):
 
     `dtype`: "fp32", "fp16" or "bf16" for the image tower (default: as exported); logits are fp32.
     """
+    # Deferred on purpose: importing any rankone submodule runs this file first, so it imports nothing heavy.
     from rankone.methods.rankone.artifact import load as load_artifact
 
     return load_artifact(path, device, dtype)

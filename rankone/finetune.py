@@ -24,10 +24,11 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch.utils.data import DataLoader, Dataset
 
 from rankone.errors import RankoneError
-from rankone.heads import classify_logits
-from rankone.models import VISUAL_PREFIX
-from rankone.sources import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS
-from rankone.workspace import save_tensors_atomic, write_json_atomic
+from rankone.data import ImageDataset, labeled_images
+from rankone.heads import classify_logits, logit_scale, template_strings, templates_for, zero_shot_head
+from rankone.models import VISUAL_PREFIX, load_clip, preprocess_for, tokenizer_for
+from rankone.sources import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, check_base, load_source
+from rankone.workspace import Workspace, save_tensors_atomic, write_json_atomic
 
 
 def _batches(dataset: Dataset, batch_size: int, generator: torch.Generator, num_workers: int):
@@ -150,10 +151,6 @@ def finetune_expert(
     The directory holds the whole CLIP (the text tower unchanged), so open_clip and
     `rankone fetch` both read it; its config records the task, class names and templates.
     """
-    from rankone.data import ImageDataset, labeled_images
-    from rankone.heads import logit_scale, templates_for, template_strings, zero_shot_head
-    from rankone.models import load_clip, preprocess_for, tokenizer_for
-
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RankoneError(f"--out {out}: exists and is not an empty directory")
@@ -174,9 +171,6 @@ def finetune_expert(
 def load_base(source: str | None, workspace: Path | str, trust_pickle: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(architecture, full CLIP state dict) of `--base SOURCE` (anything `rankone fetch` reads),
     or of the workspace's base when no source is given."""
-    from rankone.sources import check_base, load_source
-    from rankone.workspace import Workspace
-
     if source is None:
         space = Workspace(workspace)
         return space.architecture, space.load_tensors("base.safetensors")

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
 from rankone.errors import RankoneError
+from rankone.models import load_clip, tokenizer_for
 from rankone.workspace import Staging, Workspace
 
 HEADS_DIR = "heads"
@@ -186,8 +187,6 @@ def heads_for_tasks(
     written in one transaction, or into `staging` when the caller's stage holds one (then
     they are kept only if that whole stage succeeds).
     """
-    from rankone.models import load_clip, tokenizer_for
-
     heads: dict[str, torch.Tensor] = {}
     missing: dict[str, tuple[list[str], list[str], str]] = {}
     for task, (classnames, templates) in requests.items():

@@ -22,6 +22,12 @@ from typing import Any
 import torch
 
 from rankone.errors import RankoneError
+from rankone.methods.rankone import module as rankone_module
+from rankone.methods.rankone.pool import mlp_weight_keys, pool_keys
+from rankone.methods.wemoe import parameter_counts as wemoe_parameter_counts, wemoe_model
+from rankone.models import build_visual
+from rankone.options import DEFAULT_LAMBDA
+from rankone.workspace import Workspace
 
 ARTIFACT_CONFIG = "rankone.json"
 ARTIFACT_WEIGHTS = "model.safetensors"
@@ -138,8 +144,6 @@ class Inventory:
 
 def _tensor_files(path: Path) -> tuple[str, list[str]]:
     """(kind, safetensors files relative to `path`)."""
-    from rankone.workspace import Workspace
-
     if path.is_file():
         return "file", [path.name]
     if not path.is_dir():
@@ -180,8 +184,6 @@ def inventory(path: Path | str) -> Inventory:
 # ---- parameter counts from an architecture alone ----------------------------------------
 
 def _meta_tower_state(architecture: dict[str, Any]) -> dict[str, torch.Tensor]:
-    from rankone.models import build_visual
-
     with torch.device("meta"):
         return {f"visual.{name}": tensor for name, tensor in build_visual(architecture).state_dict().items()}
 
@@ -191,9 +193,6 @@ def rankone_counts(architecture: dict[str, Any], tasks: int, k: int, tower: dict
 
     `tower`: the architecture's meta image-tower state, when the caller already has it.
     """
-    from rankone.methods.rankone.module import parameter_counts, routed_model
-    from rankone.methods.rankone.pool import mlp_weight_keys, pool_keys
-
     tower = tower if tower is not None else _meta_tower_state(architecture)
     pool: dict[str, torch.Tensor] = {}
     for key in mlp_weight_keys(tower):
@@ -204,19 +203,17 @@ def rankone_counts(architecture: dict[str, Any], tasks: int, k: int, tower: dict
         pool[name_u] = torch.empty(out_dim, tasks * k, device="meta")
         pool[name_v] = torch.empty(in_dim, tasks * k, device="meta")
     with torch.device("meta"):
-        model = routed_model(architecture, tower, pool, 0.3, 0.75, "per-sample", [f"task{index}" for index in range(tasks)])
-    return parameter_counts(model)
+        model = rankone_module.routed_model(architecture, tower, pool, DEFAULT_LAMBDA, tasks=[f"task{index}" for index in range(tasks)])
+    return rankone_module.parameter_counts(model)
 
 
 def wemoe_counts(architecture: dict[str, Any], tasks: int, tower: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
     """WEMoE's inference tensors (tower, task_vectors, routers, total), counted from the real module on `meta`."""
-    from rankone.methods.wemoe import parameter_counts, wemoe_model
-
     tower = tower if tower is not None else _meta_tower_state(architecture)
     task_vectors = [{key: torch.empty_like(tensor) for key, tensor in tower.items()} for _ in range(tasks)]
     with torch.device("meta"):
-        model = wemoe_model(architecture, tower, task_vectors, 0.3)
-    return parameter_counts(model)
+        model = wemoe_model(architecture, tower, task_vectors, DEFAULT_LAMBDA)
+    return wemoe_parameter_counts(model)
 
 
 def architecture_report(

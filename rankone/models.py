@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import open_clip
+from open_clip.model import _build_vision_tower
 import torch
 from torch import nn
 
@@ -139,8 +140,6 @@ def load_clip(architecture: dict[str, Any], state_dict: dict[str, torch.Tensor])
 
 def build_visual(architecture: dict[str, Any]) -> nn.Module:
     """open_clip's image tower alone (no text tower) for an architecture dict."""
-    from open_clip.model import _build_vision_tower
-
     try:
         return _build_vision_tower(architecture["embed_dim"], copy.deepcopy(architecture["vision_cfg"]), architecture.get("quick_gelu", False)).eval()
     except (TypeError, KeyError) as error:

@@ -424,10 +424,14 @@ class Step:
     def command(self, workspace: Path, device: str) -> list[str]:
         """The `rankone STAGE ...` arguments that run this step by hand."""
         args = [self.stage.name]
+        method = getattr(self.options, "method", None)
+        if method is not None:
+            args += ["--method", method]
         for holder in (self.options, self.method_options):
             if holder is not None:
                 for info in holder.options():
-                    args += _flag_arguments(info, getattr(holder, info.name))
+                    if info.name != "method":
+                        args += _flag_arguments(info, getattr(holder, info.name))
         return args + ["-w", str(workspace), "--device", device]
 
 

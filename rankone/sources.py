@@ -25,6 +25,7 @@ import dataclasses
 import io
 import json
 import re
+from fnmatch import fnmatch
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,7 +33,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import open_clip
+import pyarrow.parquet as pq
 import torch
+from huggingface_hub import snapshot_download
+from open_clip.model import CLIPVisionCfg
+from PIL import Image, UnidentifiedImageError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from rankone.convert import architecture_from_config, convert_state_dict, is_transformers_layout
 from rankone.errors import RankoneError
@@ -240,8 +248,6 @@ def hf_snapshot(source: str, allow_patterns: list[str], repo_type: str = "model"
     huggingface_hub does the caching, revision resolution and offline mode
     (HF_HUB_OFFLINE=1 serves only what the cache holds).
     """
-    from huggingface_hub import snapshot_download
-
     repo_id, revision = parse_hf(source)
     try:
         folder = Path(snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=allow_patterns))
@@ -265,8 +271,6 @@ def _load_hf_model(source: str, trust_pickle: bool) -> LoadedSource:
 
 
 def _load_open_clip_pretrained(source: str, trust_pickle: bool) -> LoadedSource:
-    import open_clip
-
     spec = source[len(OPEN_CLIP_SCHEME):]
     model, _, tag = spec.partition(":")
     if model not in open_clip.list_models():
@@ -356,8 +360,6 @@ def check_base(loaded: LoadedSource) -> dict[str, torch.Tensor]:
 
 def _vision_signature(architecture: dict[str, Any]) -> dict[str, Any]:
     """The image-tower settings with open_clip's defaults filled in, for comparison."""
-    from open_clip.model import CLIPVisionCfg
-
     try:
         vision = dataclasses.asdict(CLIPVisionCfg(**architecture["vision_cfg"]))
     except TypeError as error:
@@ -416,8 +418,6 @@ class ParquetSplit:
 
 
 def _features(path: Path) -> dict[str, Any]:
-    import pyarrow.parquet as pq
-
     try:
         metadata = pq.ParquetFile(path).schema_arrow.metadata or {}
     except Exception as error:  # pyarrow raises ArrowInvalid/OSError for a damaged file
@@ -433,8 +433,6 @@ def _features(path: Path) -> dict[str, Any]:
 
 def read_parquet_split(source: str, files: list[Path], revision: str | None = None) -> ParquetSplit:
     """Class names and columns of parquet shards written by Hugging Face `datasets`."""
-    import pyarrow.parquet as pq
-
     if not files:
         raise RankoneError(f"{source}: empty dataset (no test split parquet files, e.g. data/test-00000-of-00001.parquet)")
     features = _features(files[0])
@@ -477,8 +475,6 @@ def locate_dataset(source: str) -> ParquetSplit:
 
 
 def _test_parquet_files(folder: Path) -> list[Path]:
-    from fnmatch import fnmatch
-
     found = sorted(
         path for path in folder.rglob("*.parquet")
         if any(fnmatch(path.relative_to(folder).as_posix(), pattern) for pattern in TEST_SPLIT_PATTERNS)
@@ -498,8 +494,6 @@ def class_folder_name(name: str) -> str:
 
 def iter_examples(split: ParquetSplit) -> Iterator[tuple[bytes, int]]:
     """(encoded image bytes, label) of every row, shard by shard, in batches."""
-    import pyarrow.parquet as pq
-
     for path in split.files:
         handle = pq.ParquetFile(path)
         for batch in handle.iter_batches(batch_size=256, columns=[split.image_column, split.label_column]):
@@ -519,8 +513,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def write_image_folder(staging: Staging, task: str, split: ParquetSplit, advance: Callable[[], None] | None = None) -> int:
     """Write `data/<task>/<class name>/<index>.png` into the staging area; returns the count."""
-    from PIL import Image, UnidentifiedImageError
-
     folders = [class_folder_name(name) for name in split.class_names]
     if len(set(folders)) != len(folders):
         raise RankoneError(f"{split.source}: class names collide as folder names")
@@ -548,9 +540,6 @@ def _progress(enabled: bool) -> Iterator[Any]:
     if not enabled:
         yield None
         return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True), transient=False) as progress:
         yield progress

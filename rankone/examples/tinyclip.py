@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from rankone.models import build_clip, preprocess_for, tokenizer_for
 
@@ -34,8 +35,6 @@ def tiny_clip_architecture(**vision_overrides: Any) -> dict[str, Any]:
 
 def images_to_tensor(images: np.ndarray, architecture: dict[str, Any]) -> torch.Tensor:
     """uint8 (n, H, W, 3) → the model's input, through the same transform `rankone eval` applies to PNGs."""
-    from PIL import Image
-
     transform = preprocess_for(architecture)
     return torch.stack([transform(Image.fromarray(image)) for image in images])
 

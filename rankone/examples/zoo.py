@@ -24,8 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from rankone import __version__
 from rankone.errors import RankoneError
 from rankone.examples import suite, tinyclip
+from rankone.finetune import finetune_expert, write_open_clip_dir
+from rankone.heads import HEAD_FORMAT, templates_for
 
 RECIPE_FILE = "recipe.json"
 REPORT_FILE = "zoo.json"
@@ -75,17 +78,11 @@ def cache_root() -> Path:
 
 
 def caption_templates(task: str) -> list[str]:
-    from rankone.heads import templates_for
-
     return templates_for(task)
 
 
 def recipe_key(chosen: dict[str, Any]) -> str:
     """A hash of the recipe, the caption templates it resolves to, the head format and the package version."""
-    from rankone import __version__
-
-    from rankone.heads import HEAD_FORMAT
-
     # The head format is in the key because the experts are fine-tuned against those heads.
     payload = {"recipe": chosen, "version": __version__, "heads": HEAD_FORMAT,
                "templates": {task: caption_templates(task) for task in chosen["tasks"]}}
@@ -129,8 +126,6 @@ def build_zoo(
     callback (for a progress bar). The build happens in a temporary folder renamed into
     place, so an interrupted build leaves nothing half-written in the cache.
     """
-    from rankone.finetune import finetune_expert, write_open_clip_dir
-
     root = Path(cache or cache_root()) / "examples" / recipe_key(chosen)
     if (root / REPORT_FILE).is_file():
         return _load(root)
