@@ -18,8 +18,9 @@ A pipeline file:
       - eval: {method: rankone, data: ./test}
 
 `base`/`experts`/`preset`/`datasets`/`trust_pickle` make a first `fetch` stage. Strings may
-use `${NAME}` for environment variables; `example: full` (or `quick`) builds the built-in
-offline example (cached) and sets `${ZOO}` to its folder. Relative paths are relative to
+use `${NAME}` for environment variables, and `${WORKSPACE}` for the workspace folder;
+`example: full` (or `quick`) builds the built-in offline example (cached) and sets `${ZOO}`
+to its folder. Relative paths are relative to
 the current directory, as on the command line.
 
 `rankone run` records each stage it ran in the workspace manifest (`pipeline`): its
@@ -98,6 +99,14 @@ class FetchOptions(Options):
                                       "file/folder; written to WORKSPACE/data/<task>/<class>/.", default_factory=dict,
                                       key="dataset", metavar="TASK=SOURCE")
     trust_pickle: bool = option(False, "Allow pickle weights (.bin/.pt), read with torch.load(weights_only=True).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.preset is None:
+            if self.base is None:
+                raise RankoneError("--base: missing; give --base SOURCE or --preset NAME")
+            if not self.experts:
+                raise RankoneError("--expert: give at least one TASK=SOURCE (or --preset)")
 
     def sources(self) -> tuple[str, dict[str, str]]:
         """(base, {task: source}) with the preset's filled in and the explicit ones on top."""
@@ -555,6 +564,8 @@ def load_pipeline(path: Path | str, *, workspace: Path | None = None, device: st
         if key in document and not isinstance(document[key], str):
             raise fail((key,), f"{document[key]!r}: expected text")
     chosen_workspace = workspace or Path(expand(document.get("workspace", str(DEFAULT_WORKSPACE)), ("workspace",)))
+    # ${WORKSPACE}: folders a stage writes into the workspace (data/ from a fetch with datasets).
+    known_variables["WORKSPACE"] = str(chosen_workspace)
     chosen_device = device or expand(document.get("device", "auto"), ("device",))
 
     steps: list[Step] = []
@@ -562,8 +573,9 @@ def load_pipeline(path: Path | str, *, workspace: Path | None = None, device: st
     if fetch_keys & set(document):
         yaml_to_field = {"base": "base", "experts": "experts", "preset": "preset", "datasets": "datasets", "trust_pickle": "trust_pickle"}
         values = {field_name: expand(document[key], (key,)) for key, field_name in yaml_to_field.items() if key in document}
-        steps.append(_step(STAGES["fetch"], values, {field_name: (key,) for key, field_name in yaml_to_field.items()}, (),
-                           "fetch", lines.of(("base",)), fail, by_field=True))
+        first = next(key for key in document if key in fetch_keys)
+        steps.append(_step(STAGES["fetch"], values, {field_name: (key,) for key, field_name in yaml_to_field.items()}, (first,),
+                           "fetch", lines.of((first,)), fail, chosen_workspace, by_field=True))
     stages = document.get("stages")
     if not isinstance(stages, list) or not stages:
         raise fail(("stages",), "expected a list of stages (e.g. `- task-vectors`, `- build-pool: {k: 32}`)")
@@ -582,7 +594,7 @@ def load_pipeline(path: Path | str, *, workspace: Path | None = None, device: st
             raise fail(at + (name,), f"expected a mapping of options, got {values!r}")
         values = expand(values, at + (name,))
         steps.append(_step(STAGES[name], values, {key: at + (name, key) for key in values}, at + (name,),
-                           f"stages[{index}].{name}", lines.of(at), fail))
+                           f"stages[{index}].{name}", lines.of(at), fail, chosen_workspace))
     pipeline = Pipeline(path=path, workspace=chosen_workspace, device=chosen_device, steps=steps, example=example,
                         variables=variables)
     _check_order(pipeline, lines, fail)
@@ -590,7 +602,7 @@ def load_pipeline(path: Path | str, *, workspace: Path | None = None, device: st
 
 
 def _step(stage: Stage, values: dict[str, Any], paths: dict[str, tuple], stage_at: tuple, where: str, line: int, fail,
-          by_field: bool = False) -> Step:
+          workspace: Path, by_field: bool = False) -> Step:
     """Check one stage's values key by key (so an error points at its own line), then build its options."""
     infos = {info.key: info for info in stage.options.options()}
     method_infos: dict[str, OptionInfo] = {}
@@ -625,8 +637,10 @@ def _step(stage: Stage, values: dict[str, Any], paths: dict[str, tuple], stage_a
         raise fail(culprit or paths.get("method") or stage_at, message) from None
     for info in stage.options.options():
         if info.name in ("data", "classnames_from") and getattr(options, info.name) is not None:
-            folder = getattr(options, info.name)
-            if not Path(folder).is_dir():
+            folder = Path(getattr(options, info.name))
+            # A folder inside the workspace (data/ from a fetch with datasets) is written by an earlier stage.
+            inside = folder.resolve().is_relative_to(workspace.resolve())
+            if not inside and not folder.is_dir():
                 key = info.name if by_field else info.key
                 raise fail(paths.get(key, stage_at), f"{info.flag} {folder}: no such folder")
     return Step(stage, options, method_options, where, line)
@@ -634,7 +648,7 @@ def _step(stage: Stage, values: dict[str, Any], paths: dict[str, tuple], stage_a
 
 def _flag_of(stage: Stage, key: str) -> str:
     for info in stage.options.options():
-        if info.key == key:
+        if key in (info.key, info.name):
             return info.flag
     for options_class in stage.method_option_classes():
         for info in options_class.options():
