@@ -190,6 +190,12 @@ class Stage:
     inputs: Callable[[list[str], Options], list[str]] = lambda tasks, options: []
     method_kind: str | None = None  # "static", "adaptive" or "any" when the stage takes --method
     creates_workspace: bool = False
+    needs_export: bool = False  # takes only methods that can be exported
+
+    def takes(self, method: methods.Method) -> bool:
+        """Whether `--method` may name `method` here."""
+        kind_fits = self.method_kind == "any" or method.kind == self.method_kind
+        return self.method_kind is not None and kind_fits and (method.export is not None or not self.needs_export)
 
     def method(self, options: Options) -> methods.Method | None:
         if self.method_kind is None:
@@ -367,14 +373,14 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("adapt", "Train an adaptive method on unlabeled test images by entropy minimisation.",
           AdaptStageOptions, _run_adapt, _method_output, _method_inputs, method_kind="adaptive"),
     Stage("eval", "Top-1 accuracy of a method on each task's labeled test images; writes eval/<method>.json.",
-          EvalOptions, _run_eval, lambda tasks, options: [f"eval/{options.method}.json"], _eval_inputs),
+          EvalOptions, _run_eval, lambda tasks, options: [f"eval/{options.method}.json"], _eval_inputs, method_kind="any"),
     Stage("compare", "Evaluate every method the workspace can run, like the paper's Table 1.",
           CompareOptions, _run_compare, lambda tasks, options: ["compare.json", "compare.md"],
           lambda tasks, options: ["base.safetensors"]),
     Stage("export", "Write a method's model as one self-contained folder.",
           ExportOptions, _run_export,
           lambda tasks, options: [str((Path(options.out) / name).resolve()) for name in ("rankone.json", "model.safetensors")],
-          _eval_inputs, method_kind="any"),
+          _eval_inputs, method_kind="any", needs_export=True),
 )}
 
 

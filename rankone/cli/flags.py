@@ -71,37 +71,28 @@ def _parameter(info: OptionInfo, help_text: str, default: Any) -> inspect.Parame
                              annotation=Annotated[annotation, option])
 
 
-def stage_command(
+def options_command(
     app: typer.Typer,
-    stage: Stage,
+    name: str,
     help_text: str,
+    option_classes: list[type[Options]],
     body: Callable[[dict[str, Any]], None],
     *,
+    merged: list[tuple[OptionInfo, str]] = (),
     extra: list[inspect.Parameter] = (),
-    skip: tuple[str, ...] = (),
     context_settings: dict | None = None,
 ) -> None:
-    """Register `rankone STAGE`: flags from the stage's options and its methods', then `body(values)`.
-
-    `values` maps every parameter name to what was typed (None for a method option not
-    given); `skip` leaves out options the command declares itself in `extra`.
-    """
+    """Register `rankone NAME`: a flag per declared option of `option_classes` (then `merged`, `extra`,
+    `-w` and `--device`); `body(values)` gets every parameter by name."""
     parameters: list[inspect.Parameter] = []
     if context_settings and context_settings.get("allow_extra_args"):
         parameters.append(inspect.Parameter("ctx", KEYWORD, annotation=typer.Context))
-    for info in stage.options.options():
-        if info.name in skip:
-            continue
-        parameters.append(_parameter(info, info.declared.help, info.default))
-    owners: dict[type[Options], list[str]] = {}
-    kind = None if stage.method_kind == "any" else stage.method_kind
-    if stage.method_kind not in (None, "any"):
-        for method in methods.registered():
-            if method.kind == kind:
-                owners.setdefault(method.options, []).append(method.name)
-        for info, text in merged_options(stage.method_option_classes(), owners):
-            parameters.append(_parameter(info, text, None))
-    parameters += list(extra)
+    parameters += [parameter for parameter in extra if parameter.default is inspect.Parameter.empty]
+    for options_class in option_classes:
+        for info in options_class.options():
+            parameters.append(_parameter(info, info.declared.help, info.default))
+    parameters += [_parameter(info, text, None) for info, text in merged]
+    parameters += [parameter for parameter in extra if parameter.default is not inspect.Parameter.empty]
     parameters += [
         inspect.Parameter("workspace", KEYWORD, default=DEFAULT_WORKSPACE, annotation=WorkspaceOption),
         inspect.Parameter("device", KEYWORD, default="auto", annotation=DeviceOption),
@@ -111,10 +102,35 @@ def stage_command(
         body(values)
 
     command.__signature__ = inspect.Signature(parameters)
-    command.__name__ = stage.name.replace("-", "_") + "_command"
+    command.__name__ = name.replace("-", "_") + "_command"
     command.__doc__ = help_text
     command.__annotations__ = {}
-    app.command(stage.name, context_settings=context_settings)(command)
+    app.command(name, context_settings=context_settings)(command)
 
 
-__all__ = ["merged_options", "stage_command"]
+def stage_command(
+    app: typer.Typer,
+    stage: Stage,
+    details: str,
+    body: Callable[[dict[str, Any]], None],
+    *,
+    extra: list[inspect.Parameter] = (),
+    context_settings: dict | None = None,
+) -> None:
+    """Register `rankone STAGE`: flags from the stage's options, then its methods' options merged by name.
+
+    The help text is the stage's summary, the methods it takes (from the registry) and `details`.
+    """
+    owners: dict[type[Options], list[str]] = {}
+    lines = [stage.summary, ""]
+    for method in methods.registered():
+        if stage.takes(method):
+            owners.setdefault(method.options, []).append(method.name)
+            lines.append(f"{method.name}: {method.summary}.")
+    merged = merged_options(stage.method_option_classes(), owners) if stage.method_kind not in (None, "any") else []
+    # Blank lines keep typer's rich help from joining the method lines into one paragraph.
+    help_text = "\n\n".join(line for line in lines if line) + "\n\n" + inspect.cleandoc(details)
+    options_command(app, stage.name, help_text, [stage.options], body, merged=merged, extra=extra, context_settings=context_settings)
+
+
+__all__ = ["merged_options", "options_command", "stage_command"]

@@ -21,49 +21,36 @@ from rankone.models import resolve_device
 from rankone.sources import describe_presets
 from rankone.workspace import Workspace
 
-HELP = {
-    "fetch": """Fetch the base CLIP and the fine-tuned experts into a workspace, in open_clip's layout.
-
-    Writes base.safetensors, experts/<task>.safetensors and the manifest in one step; a failure leaves the workspace untouched. Running it again replaces the models and removes what later stages derived from them; fetched test images stay for tasks still present. Conversion runs on the CPU whatever --device says. Offline: HF_HUB_OFFLINE=1 reads only huggingface_hub's cache (HF_HOME, HF_HUB_CACHE).
+# What `--help` says after the stage's summary and the methods it takes (both from the registry).
+DETAILS = {
+    "fetch": """Writes base.safetensors, experts/<task>.safetensors and the manifest in one step; a failure leaves the workspace untouched. Running it again replaces the models and removes what later stages derived from them; fetched test images stay for tasks still present. Conversion runs on the CPU whatever --device says. Offline: HF_HUB_OFFLINE=1 reads only huggingface_hub's cache (HF_HOME, HF_HUB_CACHE).
 
     Example: rankone fetch --preset vit-b-32-ta8 --dataset mnist=hf:ylecun/mnist -w rankone-work
 
     Example: rankone fetch --base hf:openai/clip-vit-base-patch32 --expert dtd=./dtd-model --expert stanford-cars=cars.safetensors
     """,
-    "task-vectors": """Compute task vectors τ = θt − θ0 and where fine-tuning moved the weights.
-
-    Writes task_vectors/<task>.safetensors and task_vectors/analysis.json: per block, the mean
+    "task-vectors": """Writes task_vectors/<task>.safetensors and task_vectors/analysis.json: per block, the mean
     over tasks of the L2 norm of the attention and of the MLP task vector (the paper's
     Figure 2). Subtraction runs on the CPU whatever --device says.
 
     Example: rankone task-vectors -w rankone-work --plot
     """,
-    "build-pool": """Split every MLP task vector into its top-k rank-one experts; merge the rest statically.
-
-    Reads task_vectors/ (from `rankone task-vectors`), writes pool.safetensors, and prints
+    "build-pool": """Reads task_vectors/ (from `rankone task-vectors`), writes pool.safetensors, and prints
     the fraction of ‖τ‖² the experts keep and the merged model's parameter count.
 
     Example: rankone build-pool -w rankone-work --k 32 --lambda 0.3
     """,
-    "merge": """Merge the task vectors statically into one image tower: merged/<method>.safetensors.
-
-    weight-averaging: mean θt.  task-arithmetic: θ0 + λΣτ.  ties: trim to the top
-    magnitudes, elect signs, disjoint mean, θ0 + λ·merged.  dare: random drop with
-    rescale, then task arithmetic. Options are recorded in the file's metadata.
+    "merge": """Options are recorded in the file's metadata; an option the method does not use is an error.
 
     Example: rankone merge --method ties --top 0.2 --lambda 0.3
     """,
-    "adapt": """Train the routers on unlabeled test images by entropy minimisation (test-time adaptation).
-
-    Heads need class names: they come from --heads-source fusionbench, --classnames
+    "adapt": """Heads need class names: they come from --heads-source fusionbench, --classnames
     TASK=FILE, --classnames-from DIR, or the workspace's data/<task>/<class>/ folders (from
     `rankone fetch --dataset`). Use the same heads as `rankone eval` will.
 
     Example: rankone adapt -w rankone-work --data ./unlabeled --classnames-from ./test --steps 1000
     """,
-    "eval": """Top-1 accuracy of a method on each task's labeled test images; writes eval/<method>.json.
-
-    Heads are zero-shot heads of the pretrained text tower, cached in heads/. --dtype bf16
+    "eval": """Heads are zero-shot heads of the pretrained text tower, cached in heads/. --dtype bf16
     runs the image encoder in half precision; the report records the dtype.
 
     --routing shows whether the routers tell the tasks apart: mean gates by whose images
@@ -75,17 +62,15 @@ HELP = {
 
     Example: rankone eval --method rankone --routing
     """,
-    "compare": """Evaluate every method the workspace can run, like the paper's Table 1.
-
-    Rows: pretrained, individual, each merged/<method>, each adapted/<method>
-    (adamerging, wemoe, rankone); an oracle such as perfect-router when named in
-    --methods. Columns: top-1 % per task, the average, and parameters relative to the
-    pretrained image tower. Writes compare.json, compare.md and eval/<method>.json (the
-    files `rankone eval` writes), all at the end, so an error changes nothing.
+    "compare": """Rows: every method whose files the workspace holds, in the paper's order (an oracle
+    such as perfect-router only when named in --methods). Columns: top-1 % per task, the
+    average, and parameters relative to the pretrained image tower. Writes compare.json,
+    compare.md and eval/<method>.json (the files `rankone eval` writes), all at the end, so an
+    error changes nothing.
 
     Example: rankone compare -w rankone-work --data data --tasks cars,dtd
     """,
-    "export": """Write the adapted RankOne-MoE model as one self-contained folder (no text tower needed).
+    "export": """The folder holds everything inference needs (no text tower: the heads are computed).
 
     Example: rankone export -w rankone-work --out ./rankone-model --dtype fp16
     """,
@@ -182,14 +167,14 @@ _LIST_PRESETS = inspect.Parameter("list_presets", KEYWORD, default=False,
                                   annotation=Annotated[bool, typer.Option("--list-presets", help="List the presets and exit.")])
 _TASKS_WORDS = {"allow_extra_args": True}
 
-stage_command(app, pipeline.STAGES["fetch"], HELP["fetch"], _fetch, extra=[_LIST_PRESETS])
-stage_command(app, pipeline.STAGES["task-vectors"], HELP["task-vectors"], _task_vectors)
-stage_command(app, pipeline.STAGES["build-pool"], HELP["build-pool"], _build_pool)
-stage_command(app, pipeline.STAGES["merge"], HELP["merge"], _merge)
-stage_command(app, pipeline.STAGES["adapt"], HELP["adapt"], _adapt)
-stage_command(app, pipeline.STAGES["eval"], HELP["eval"], _eval, context_settings=_TASKS_WORDS)
-stage_command(app, pipeline.STAGES["compare"], HELP["compare"], _compare, context_settings=_TASKS_WORDS)
-stage_command(app, pipeline.STAGES["export"], HELP["export"], _export)
+stage_command(app, pipeline.STAGES["fetch"], DETAILS["fetch"], _fetch, extra=[_LIST_PRESETS])
+stage_command(app, pipeline.STAGES["task-vectors"], DETAILS["task-vectors"], _task_vectors)
+stage_command(app, pipeline.STAGES["build-pool"], DETAILS["build-pool"], _build_pool)
+stage_command(app, pipeline.STAGES["merge"], DETAILS["merge"], _merge)
+stage_command(app, pipeline.STAGES["adapt"], DETAILS["adapt"], _adapt)
+stage_command(app, pipeline.STAGES["eval"], DETAILS["eval"], _eval, context_settings=_TASKS_WORDS)
+stage_command(app, pipeline.STAGES["compare"], DETAILS["compare"], _compare, context_settings=_TASKS_WORDS)
+stage_command(app, pipeline.STAGES["export"], DETAILS["export"], _export)
 
 
 @app.command("run")
