@@ -27,6 +27,7 @@ from rankone.errors import RankoneError
 from rankone.data import ImageDataset, labeled_images
 from rankone.heads import classify_logits, logit_scale, template_strings, templates_for, zero_shot_head
 from rankone.models import VISUAL_PREFIX, load_clip, preprocess_for, tokenizer_for
+from rankone.options import Options, option, seed_option
 from rankone.sources import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, check_base, load_source
 from rankone.workspace import Workspace, save_tensors_atomic, write_json_atomic
 
@@ -39,14 +40,30 @@ def _batches(dataset: Dataset, batch_size: int, generator: torch.Generator, num_
         yield from loader
 
 
+@dataclass(frozen=True, kw_only=True)
+class FinetuneOptions(Options):
+    """`rankone finetune`: FusionBench's recipe for ViT-B/32 by default (Adam, lr 1e-5, batch 32)."""
+
+    task: str = option(help="Task name: DATA/<task>/<class>/<image> holds its training images.")
+    data: Path = option(help="Labeled training images, DATA/<task>/<class>/<image>.")
+    out: Path = option(help="New folder for the expert (open_clip_config.json + open_clip_model.safetensors).")
+    base: str | None = option(None, "Pretrained CLIP SOURCE (as for `rankone fetch`); default: the workspace's base.", metavar="SOURCE")
+    steps: int = option(2000, "Adam steps.", low=1)
+    lr: float = option(1e-5, "Adam learning rate.", low=0.0, low_open=True)
+    batch_size: int = option(32, "Images per step.", low=1)
+    seed: int = seed_option("Seed for the data order.")
+    templates: Path | None = option(None, "FILE of templates with {}, one per line (default: rankone's set for the task).")
+    trust_pickle: bool = option(False, "Allow a pickle base (.bin/.pt), read with torch.load(weights_only=True).")
+
+
 def finetune_image_tower(
     clip_model: torch.nn.Module,
     head: torch.Tensor,
     dataset: Dataset,
-    steps: int = 2000,
-    lr: float = 1e-5,
-    batch_size: int = 32,
-    seed: int = 0,
+    steps: int = FinetuneOptions.steps,
+    lr: float = FinetuneOptions.lr,
+    batch_size: int = FinetuneOptions.batch_size,
+    seed: int = FinetuneOptions.seed,
     weight_decay: float = 0.0,
     device: torch.device | str = "cpu",
     num_workers: int = 0,
@@ -136,10 +153,10 @@ def finetune_expert(
     task: str,
     data: Path | str,
     out: Path | str,
-    steps: int = 2000,
-    lr: float = 1e-5,
-    batch_size: int = 32,
-    seed: int = 0,
+    steps: int = FinetuneOptions.steps,
+    lr: float = FinetuneOptions.lr,
+    batch_size: int = FinetuneOptions.batch_size,
+    seed: int = FinetuneOptions.seed,
     classnames: list[str] | None = None,
     templates: list[str] | None = None,
     device: torch.device | str = "cpu",

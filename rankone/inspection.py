@@ -32,6 +32,7 @@ from rankone.workspace import Workspace
 ARTIFACT_CONFIG = "rankone.json"
 ARTIFACT_WEIGHTS = "model.safetensors"
 DEFAULT_KS = (16, 32, 64, 128)
+DEFAULT_TASKS = 8
 DEFAULT_WEMOE_TASKS = (8, 20)
 # Display order of roles; a role not listed here comes last.
 ROLES = (
@@ -218,7 +219,7 @@ def wemoe_counts(architecture: dict[str, Any], tasks: int, tower: dict[str, torc
 
 def architecture_report(
     architecture: dict[str, Any],
-    tasks: int = 8,
+    tasks: int = DEFAULT_TASKS,
     ks: Sequence[int] = DEFAULT_KS,
     wemoe_tasks: Sequence[int] = DEFAULT_WEMOE_TASKS,
 ) -> dict[str, Any]:

@@ -54,7 +54,7 @@ from rankone.heads import HEAD_SOURCES, read_lines
 from rankone.methods.merging import merge_step_count
 from rankone.methods.rankone import PoolOptions, build_pool_stage
 from rankone.methods.rankone.pool import POOL_FILE, check_pool_options
-from rankone.models import DTYPES, resolve_device, resolve_dtype
+from rankone.models import DTYPES
 from rankone.options import Options, OptionInfo, check_value, option, parse_pairs
 from rankone.sources import fetch, preset as preset_sources
 from rankone.task_vectors import ANALYSIS_FILE, compute_task_vectors, task_vector_path

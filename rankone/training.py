@@ -327,10 +327,10 @@ def head_requests(
     if heads_source not in HEAD_SOURCES:
         raise RankoneError(f"--heads-source {heads_source!r}: choose from {', '.join(HEAD_SOURCES)}")
     classnames, templates = classnames or {}, templates or {}
-    for option, given in (("--classnames", classnames), ("--templates", templates)):
+    for flag, given in (("--classnames", classnames), ("--templates", templates)):
         unknown = [task for task in given if task not in tasks]
         if unknown:
-            raise RankoneError(f"{option}: task {unknown[0]!r} is not among {', '.join(tasks)}")
+            raise RankoneError(f"{flag}: task {unknown[0]!r} is not among {', '.join(tasks)}")
     if classnames_from is not None and not classnames_from.is_dir():
         raise RankoneError(f"--classnames-from {classnames_from}: not a folder")
     requests: HeadRequests = {}

@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.table import Table
 
 from rankone import methods, pipeline
 from rankone.cli import render
-from rankone.cli.app import DEFAULT_WORKSPACE, DeviceOption, WorkspaceOption, app, console, error_console, say, step_bar
+from rankone.cli.app import app, console, error_console, say, step_bar
 from rankone.cli.flags import KEYWORD, stage_command
 from rankone.errors import RankoneError
 from rankone.examples.zoo import build_zoo, recipe

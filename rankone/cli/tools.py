@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import torch
 import typer
@@ -13,13 +13,14 @@ from rich.table import Table
 
 from rankone.cli import render
 from rankone.cli.app import DEFAULT_WORKSPACE, DeviceOption, WorkspaceOption, app, console, say, step_bar
+from rankone.cli.flags import options_command
 from rankone.cli.stages import execute, load_example
 from rankone.errors import RankoneError
 from rankone.examples import demo
-from rankone.finetune import finetune_expert, load_base
+from rankone.finetune import FinetuneOptions, finetune_expert, load_base
 from rankone.heads import read_lines
-from rankone.inspection import architecture_report, inventory
-from rankone.methods.rankone.artifact import load, predict as predict_images
+from rankone.inspection import DEFAULT_TASKS, architecture_report, inventory
+from rankone.methods.rankone.artifact import TOP_CLASSES, load, predict as predict_images
 from rankone.models import named_architecture, resolve_device, resolve_dtype
 
 
@@ -27,7 +28,7 @@ from rankone.models import named_architecture, resolve_device, resolve_dtype
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="[DIR] IMAGE...: an exported model folder or a workspace (default: -w), then image files.", metavar="PATH")],
     task: Annotated[str, typer.Option("--task", help="Which task's classes to predict.")],
-    top: Annotated[int, typer.Option("--top", help="How many classes to print.")] = 5,
+    top: Annotated[int, typer.Option("--top", help="How many classes to print.")] = TOP_CLASSES,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Precision the image tower computes in: fp32 (default), fp16 or bf16.")] = None,
     workspace: WorkspaceOption = DEFAULT_WORKSPACE,
@@ -66,7 +67,7 @@ def predict(
 def inspect_command(
     path: Annotated[Optional[Path], typer.Argument(help="A workspace, an exported model folder or a .safetensors file (default: the workspace).", metavar="PATH")] = None,
     architecture: Annotated[Optional[str], typer.Option("--architecture", help="Count from an open_clip architecture alone (e.g. ViT-B-32, ViT-L-14); no weights needed.")] = None,
-    tasks: Annotated[int, typer.Option("--tasks", help="With --architecture: number of tasks for RankOne-MoE (WEMoE is shown for 8, 20 and this).")] = 8,
+    tasks: Annotated[int, typer.Option("--tasks", help="With --architecture: number of tasks for RankOne-MoE (WEMoE is shown for 8, 20 and this).")] = DEFAULT_TASKS,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     workspace: WorkspaceOption = DEFAULT_WORKSPACE,
     device: DeviceOption = "auto",
@@ -118,42 +119,28 @@ def inspect_command(
 
 
 
-@app.command("finetune")
-def finetune_command(
-    task: Annotated[str, typer.Option("--task", help="Task name: DATA/<task>/<class>/<image> holds its training images.")],
-    data: Annotated[Path, typer.Option("--data", help="Labeled training images, DATA/<task>/<class>/<image>.")],
-    out: Annotated[Path, typer.Option("--out", help="New folder for the expert (open_clip_config.json + open_clip_model.safetensors).")],
-    base: Annotated[Optional[str], typer.Option("--base", help="Pretrained CLIP SOURCE (as for `rankone fetch`); default: the workspace's base.")] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Adam steps.")] = 2000,
-    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 1e-5,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = 32,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for the data order.")] = 0,
-    templates: Annotated[Optional[Path], typer.Option("--templates", help="FILE of templates with {}, one per line (default: rankone's set for the task).")] = None,
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a pickle base (.bin/.pt), read with torch.load(weights_only=True).")] = False,
-    workspace: WorkspaceOption = DEFAULT_WORKSPACE,
-    device: DeviceOption = "auto",
-) -> None:
-    """Fine-tune the image tower on one task against its frozen zero-shot head.
+def _finetune(values: dict[str, Any]) -> None:
+    resolved = resolve_device(values.pop("device"))
+    workspace = values.pop("workspace")
+    options = FinetuneOptions.from_values(values)
+    architecture, base_state = load_base(options.base, workspace, trust_pickle=options.trust_pickle)
+    template_list = read_lines(options.templates, "templates") if options.templates is not None else None
+    with step_bar(f"fine-tuning {options.task}", options.steps) as advance:
+        result = finetune_expert(
+            architecture, base_state, options.task, options.data, options.out, steps=options.steps, lr=options.lr,
+            batch_size=options.batch_size, seed=options.seed, templates=template_list, device=resolved, on_step=advance,
+        )
+    say(f"fine-tuned {options.task} on {result.images} images ({len(result.classnames)} classes), "
+        f"loss {result.losses[0]:.3f} → {sum(result.losses[-20:]) / len(result.losses[-20:]):.3f}; wrote {result.out}")
+
+
+options_command(app, "finetune", """Fine-tune the image tower on one task against its frozen zero-shot head.
 
     FusionBench's recipe: Adam, lr 1e-5, batch 32, only the image tower trains. Writes an
     open_clip directory that `rankone fetch --expert TASK=DIR` accepts.
 
     Example: rankone finetune --base rankone-zoo/base --task digits --data data/finetune --out experts/digits --steps 600
-    """
-    resolved = resolve_device(device)
-    architecture, base_state = load_base(base, workspace, trust_pickle=trust_pickle)
-    template_list = read_lines(templates, "templates") if templates is not None else None
-    with step_bar(f"fine-tuning {task}", steps) as advance:
-        result = finetune_expert(
-            architecture, base_state, task, data, out, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-            templates=template_list, device=resolved, on_step=advance,
-        )
-    console.print(
-        f"fine-tuned {task} on {result.images} images ({len(result.classnames)} classes), "
-        f"loss {result.losses[0]:.3f} → {sum(result.losses[-20:]) / len(result.losses[-20:]):.3f}; wrote {result.out}",
-        highlight=False,
-    )
-
+    """, [FinetuneOptions], _finetune)
 
 
 @app.command("demo")

@@ -35,6 +35,7 @@ WEIGHTS_FILE = "model.safetensors"
 ARTIFACT_FORMAT = 2
 HEAD_PREFIX = "heads."
 ADAPTED_ROUTERS = "adapted/rankone.safetensors"
+TOP_CLASSES = 5  # classes `predict` lists per image by default
 
 
 class RankOneClassifier(nn.Module):
@@ -258,7 +259,7 @@ def load(path: Path | str, device: torch.device | str = "cpu", dtype: str | torc
 
 # ---- predict ------------------------------------------------------------------------------
 
-def predict(model: RankOneClassifier, images: list[Path], task: str, top: int = 5, batch_size: int = 32) -> list[dict[str, Any]]:
+def predict(model: RankOneClassifier, images: list[Path], task: str, top: int = TOP_CLASSES, batch_size: int = 32) -> list[dict[str, Any]]:
     """Per image: the `top` classes of `task` with their softmax probabilities, best first."""
     if top < 1:
         raise RankoneError(f"--top {top}: must be at least 1")
