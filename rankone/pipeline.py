@@ -550,7 +550,12 @@ def load_pipeline(path: Path | str, *, workspace: Path | None = None, device: st
                     hint = " (set by `example:`)" if match.group(1) == "ZOO" else ""
                     raise fail(at, f"${{{match.group(1)}}}: no such variable{hint}")
                 return known_variables[match.group(1)]
-            return _VARIABLE.sub(substitute, value)
+            expanded = _VARIABLE.sub(substitute, value)
+            if _VARIABLE.fullmatch(value):
+                # `k: ${K}` is a number, as `k: 8` is: a whole-value variable is read as YAML.
+                typed = yaml.safe_load(expanded) if expanded.strip() else expanded
+                return typed if isinstance(typed, (bool, int, float)) else expanded
+            return expanded
         if isinstance(value, dict):
             return {key: expand(item, at + (key,)) for key, item in value.items()}
         if isinstance(value, list):

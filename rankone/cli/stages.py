@@ -15,7 +15,7 @@ from rankone.cli import render
 from rankone.cli.app import app, console, error_console, say, step_bar
 from rankone.cli.flags import KEYWORD, stage_command
 from rankone.errors import RankoneError
-from rankone.examples.zoo import build_zoo, recipe
+from rankone.examples import demo
 from rankone.models import resolve_device
 from rankone.sources import describe_presets
 from rankone.workspace import Workspace
@@ -202,13 +202,13 @@ def run_file(
 
 
 def load(file: Path, workspace: Path | None, device: str | None) -> pipeline.Pipeline:
-    """The pipeline file, with the example zoo built first when it names one (`${ZOO}`)."""
+    """The pipeline file, with the example zoo built first when it names one (`${ZOO}`, `${LAMBDA}`)."""
     return pipeline.load_pipeline(file, workspace=workspace, device=device,
-                                  examples=lambda name: load_example(name, device or "auto"))
+                                  examples=lambda name: load_example(name, device or "auto").variables())
 
 
-def load_example(name: str, device: str) -> dict[str, str]:
-    """Build (or reuse) the built-in example's zoo with progress bars; `${ZOO}` is its folder."""
+def load_example(name: str, device: str) -> demo.Example:
+    """The built-in example, its zoo built (or reused) with progress bars."""
     bars: list = []
 
     def on_stage(description: str, total: int):
@@ -220,11 +220,10 @@ def load_example(name: str, device: str) -> dict[str, str]:
         return advance
 
     try:
-        built = build_zoo(recipe(quick=name == "quick"), device=resolve_device(device), on_stage=on_stage)
+        return demo.prepare_example(name, resolve_device(device), on_stage)
     finally:
         while bars:
             bars.pop().__exit__(None, None, None)
-    return {"ZOO": str(built.root)}
 
 
 def execute(chosen: pipeline.Pipeline) -> list[dict[str, Any]]:

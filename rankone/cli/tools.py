@@ -173,13 +173,16 @@ def demo_command(
     if resolved.type == "cpu":
         torch.set_num_threads(min(torch.get_num_threads(), 2))
     example = "quick" if quick else "full"
+    prepared = load_example(example, device)
     if zoo_path:
-        print(load_example(example, device)["ZOO"])
+        print(prepared.zoo.root)
         return
-    chosen = demo.demo_pipeline(example, workspace, device, seeds, load_example(example, device))
-    console.print(f"example zoo: {chosen.variables['ZOO']}", highlight=False)
+    chosen = demo.demo_pipeline(prepared, workspace, device, seeds)
+    say(f"example zoo: {prepared.zoo.root} ({len(prepared.zoo.tasks)} tasks: {', '.join(prepared.zoo.tasks)})")
+    say("static λ by lowest unlabeled entropy of task arithmetic: "
+        + ", ".join(f"λ={value:g}: {entropy:.3f}" for value, entropy in prepared.entropies.items()) + f" → λ={prepared.lam:g}")
     records = execute(chosen)
-    result = demo.demo_result(chosen, records)
+    result = demo.demo_result(chosen, records, prepared)
     for line in demo.result_lines(result):
         say(line)
     demo.write_result_json(result, Path(workspace) / "demo.json")

@@ -1,9 +1,9 @@
 """`rankone demo`: the example's pipeline file (demo.yaml, or demo-quick.yaml), run as `rankone run` runs it.
 
-The static λ in the file was chosen without test labels: among a grid, the one whose task
-arithmetic merge gives the lowest mean prediction entropy on the unlabeled split (the
-objective AdaMerging and RankOne-MoE's adaptation minimise). After the run the demo
-measures that rule again on the workspace and says whether it still picks the file's λ.
+`example: full` in a pipeline file builds (or reuses) the example zoo and defines `${ZOO}`
+(its folder) and `${LAMBDA}`: the static λ chosen without test labels, among a grid, as
+the one whose task arithmetic merge gives the lowest mean prediction entropy on the
+unlabeled split (the objective AdaMerging and RankOne-MoE's adaptation minimise).
 RankOne-MoE is adapted with several seeds; their mean and spread are reported next to the
 "perfect router" ceiling (static part + each task's own MLP weights).
 """
@@ -14,6 +14,7 @@ import dataclasses
 import json
 import statistics
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,13 @@ import torch
 
 from rankone.data import ImageDataset, labeled_images, unlabeled_images
 from rankone.errors import RankoneError
-from rankone.heads import classify_logits, heads_for_tasks
-from rankone.methods.base import pretrained_tower, visual_encoder
-from rankone.models import preprocess_for
+from rankone.examples.zoo import Zoo, build_zoo, recipe
+from rankone.heads import classify_logits, logit_scale, template_strings, templates_for, zero_shot_head
+from rankone.methods.base import visual_encoder
+from rankone.models import load_clip, preprocess_for, tokenizer_for, visual_state
 from rankone.pipeline import Pipeline, Step, load_pipeline
-from rankone.task_vectors import task_vector_path
+from rankone.sources import load_source
+from rankone.task_vectors import task_vector
 from rankone.training import batch_entropy
 from rankone.workspace import Workspace
 
@@ -40,24 +43,65 @@ def pipeline_file(example: str) -> Path:
     return Path(str(resources.files("rankone.examples") / PIPELINE_FILES[example]))
 
 
-def unlabeled_entropy(workspace: Workspace, unlabeled: Path, classnames_from: Path, lam: float, device: torch.device | str = "cpu", limit: int = 128) -> float:
-    """Mean prediction entropy of task arithmetic at `lam` over each task's unlabeled images."""
-    tasks = workspace.tasks
-    merged = {key: value.clone() for key, value in pretrained_tower(workspace).items()}
-    for task in tasks:
-        for key, value in workspace.load_tensors(task_vector_path(task)).items():
-            merged[key] += lam * value
-    encoder = visual_encoder(workspace.architecture, merged, device)
-    heads = heads_for_tasks(workspace, {task: (labeled_images(classnames_from, task).classnames, None) for task in tasks}, device)
-    transform = preprocess_for(workspace.architecture)
-    entropies = []
-    with torch.no_grad():
-        for task in tasks:
-            paths = unlabeled_images(unlabeled, task)[:limit]
-            dataset = ImageDataset(paths, None, transform)
-            images = torch.stack([dataset[i] for i in range(len(dataset))]).to(device)
-            entropies.append(float(batch_entropy(classify_logits(encoder(images), heads[task].to(device)))))
-    return sum(entropies) / len(entropies)
+def lambda_entropies(zoo: Zoo, grid: tuple[float, ...], device: torch.device | str = "cpu", limit: int = 128) -> dict[float, float]:
+    """Mean prediction entropy of task arithmetic at each λ of `grid` over each task's unlabeled images.
+
+    Read from the zoo's own files (base, experts, unlabeled split, class names of the
+    fine-tuning split), so the rule needs no workspace and no test label.
+    """
+    base = load_source(str(zoo.base))
+    architecture, base_state = base.architecture, base.state_dict
+    tower = visual_state(base_state)
+    task_vectors = [task_vector(tower, visual_state(load_source(str(zoo.expert(task)), base_architecture=architecture).state_dict), task)
+                    for task in zoo.tasks]
+    clip_model = load_clip(architecture, base_state).to(device)
+    tokenizer, scale = tokenizer_for(architecture), logit_scale(base_state)
+    heads = {task: zero_shot_head(clip_model, tokenizer, labeled_images(zoo.data("finetune"), task).classnames,
+                                  template_strings(templates_for(task)), scale, device) for task in zoo.tasks}
+    del clip_model
+    transform = preprocess_for(architecture)
+    images = {}
+    for task in zoo.tasks:
+        dataset = ImageDataset(unlabeled_images(zoo.data("unlabeled"), task)[:limit], None, transform)
+        images[task] = torch.stack([dataset[i] for i in range(len(dataset))]).to(device)
+    entropies = {}
+    for lam in grid:
+        merged = {key: value.clone() for key, value in tower.items()}
+        for vector in task_vectors:
+            for key, value in vector.items():
+                merged[key] += lam * value
+        encoder = visual_encoder(architecture, merged, device)
+        with torch.no_grad():
+            per_task = [float(batch_entropy(classify_logits(encoder(images[task]), heads[task]))) for task in zoo.tasks]
+        entropies[lam] = sum(per_task) / len(per_task)
+    return entropies
+
+
+@dataclass
+class Example:
+    """The built-in example's zoo and the static λ its rule picks, for `${ZOO}` and `${LAMBDA}`."""
+
+    name: str  # full or quick
+    zoo: Zoo
+    device: torch.device | str = "cpu"
+
+    @cached_property
+    def entropies(self) -> dict[float, float]:
+        return lambda_entropies(self.zoo, LAMBDA_GRIDS[self.name], self.device)
+
+    @property
+    def lam(self) -> float:
+        return min(self.entropies, key=self.entropies.get)
+
+    def variables(self) -> dict[str, str]:
+        return {"ZOO": str(self.zoo.root), "LAMBDA": f"{self.lam:g}"}
+
+
+def prepare_example(name: str, device: torch.device | str = "cpu", on_stage=None) -> Example:
+    """Build (or reuse) the example's zoo; the λ rule is measured when first asked for."""
+    if name not in PIPELINE_FILES:
+        raise RankoneError(f"example {name!r}: expected one of {', '.join(PIPELINE_FILES)}")
+    return Example(name, build_zoo(recipe(quick=name == "quick"), device=device, on_stage=on_stage), device)
 
 
 def _check_workspace(workspace: Workspace) -> None:
@@ -92,9 +136,9 @@ def with_seeds(steps: list[Step], seeds: int) -> list[Step]:
     return steps[:first] + middle + steps[last + 1:]
 
 
-def demo_pipeline(example: str, workspace: Path | str, device: str, seeds: int | None, variables: dict[str, str]) -> Pipeline:
+def demo_pipeline(example: Example, workspace: Path | str, device: str, seeds: int | None) -> Pipeline:
     """The example's pipeline on `workspace`, with `seeds` RankOne-MoE seeds when given."""
-    chosen = load_pipeline(pipeline_file(example), workspace=Path(workspace), device=device, examples=lambda name: variables)
+    chosen = load_pipeline(pipeline_file(example.name), workspace=Path(workspace), device=device, examples=lambda _: example.variables())
     _check_workspace(Workspace(chosen.workspace))
     if seeds is not None:
         chosen.steps = with_seeds(chosen.steps, seeds)
@@ -114,16 +158,16 @@ class DemoResult:
         return statistics.mean(averages), (statistics.stdev(averages) if len(averages) > 1 else 0.0)
 
 
-def demo_result(chosen: Pipeline, records: list[dict[str, Any]]) -> DemoResult:
-    """The seeds' reports, the ceiling and the comparison from the run's records, and the λ rule measured again."""
+def demo_result(chosen: Pipeline, records: list[dict[str, Any]], example: Example) -> DemoResult:
+    """The seeds' reports, the ceiling and the comparison from the run's records, and the λ rule's entropies."""
     rankone_seeds: dict[int, dict[str, Any]] = {}
-    seed, lam, summary, perfect, adapt = None, None, {}, {}, None
+    seed, lam, summary, perfect = None, None, {}, {}
     for step, record in zip(chosen.steps, records):
         result = record.get("result") or {}
         if step.stage.name == "build-pool":
             lam = step.options.lam
         elif _is_rankone_adapt(step):
-            seed, adapt = step.options.seed, step.options
+            seed = step.options.seed
         elif step.stage.name == "eval" and step.options.method == "rankone":
             rankone_seeds[seed] = result
         elif step.stage.name == "eval" and step.options.method == "perfect-router":
@@ -132,21 +176,14 @@ def demo_result(chosen: Pipeline, records: list[dict[str, Any]]) -> DemoResult:
             summary = result
     if seed is not None and seed not in rankone_seeds:
         rankone_seeds[seed] = next(row for row in summary["rows"] if row["method"] == "rankone")
-    workspace = Workspace(chosen.workspace)
-    grid = LAMBDA_GRIDS[chosen.example or "full"]
-    entropies = {value: unlabeled_entropy(workspace, adapt.data, adapt.classnames_from, value) for value in grid}
-    return DemoResult(lam=lam, entropies=entropies, summary=summary, perfect_router=perfect, rankone_seeds=rankone_seeds)
+    return DemoResult(lam=lam, entropies=example.entropies, summary=summary, perfect_router=perfect, rankone_seeds=rankone_seeds)
 
 
 def result_lines(result: DemoResult) -> list[str]:
-    """The closing summary: the λ rule, the ceiling row, RankOne-MoE over seeds, its share of the gap."""
+    """The closing summary: the ceiling row, RankOne-MoE over seeds, its share of the gap."""
     rows = {row["method"]: row for row in result.summary["rows"]}
     mean, spread = result.rankone_average()
-    picked = min(result.entropies, key=result.entropies.get)
-    agreement = "as the pipeline file has" if picked == result.lam else f"but the pipeline file has λ={result.lam:g}"
     lines = [
-        "static λ by lowest unlabeled entropy of task arithmetic: "
-        + ", ".join(f"λ={value:g}: {entropy:.3f}" for value, entropy in result.entropies.items()) + f" → λ={picked:g}, {agreement}",
         f"perfect router (static part at λ={result.lam:g} + each task's own MLP weights; an oracle told the task): "
         f"average {result.perfect_router['average']:.1f} "
         + " ".join(f"{task} {value['accuracy']:.1f}" for task, value in result.perfect_router["tasks"].items()),
