@@ -102,7 +102,7 @@ def reference_loop_forward(mlp: RankOneMLP, x: torch.Tensor) -> torch.Tensor:
 
 
 def with_mlp_forward(model: nn.Module, forward: str) -> nn.Module:
-    """A copy of a routed model whose MLPs run `fused` (the library's forward), `plain` (SPEC's unfused formula) or the `reference` loop."""
+    """A copy of a routed model whose MLPs run `fused` (the library's forward), `plain` (the method's unfused formula) or the `reference` loop."""
     variant = copy.deepcopy(model)
     if forward == "fused":
         return variant

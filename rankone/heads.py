@@ -1,11 +1,11 @@
 """Zero-shot classification heads: template tables, the heads themselves, their cache.
 
-SPEC: a head is a (classes × embed_dim) matrix. For each class, every template is filled
+The method: a head is a (classes × embed_dim) matrix. For each class, every template is filled
 with the class name, embedded by the pretrained text tower and L2-normalised; the
 embeddings are averaged and normalised again. Logits are `s · normalize(emb) @ headᵀ`.
 
 s is the base model's own temperature, exp(logit_scale), as in CLIP's own forward and
-FusionBench's classifier. SPEC writes 100: that is exp(logit_scale) of every released CLIP
+FusionBench's classifier. The method writes 100: that is exp(logit_scale) of every released CLIP
 (training clamps it there), so for those models nothing differs. A CLIP that learned a
 smaller scale (the built-in example's tiny CLIP learned 15) is read at its own scale:
 at a fixed 100 its predictions are near one-hot and entropy, the unlabeled objective of
@@ -127,7 +127,7 @@ def fusionbench_classnames_and_templates(task: str) -> tuple[list[str], list[str
     return [str(classname) for classname in classnames], template_strings(templates, f"fusion-bench templates of {name}")
 
 
-# SPEC's scale, for a base checkpoint that does not carry its own logit_scale.
+# the method's scale, for a base checkpoint that does not carry its own logit_scale.
 DEFAULT_LOGIT_SCALE = 100.0
 
 

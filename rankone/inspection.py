@@ -109,7 +109,7 @@ def role_of(relpath: str, name: str) -> str:
     if name.endswith((".pool_u", ".pool_v")):
         return "pool"
     if _MLP_WEIGHT.search(name):
-        # Outside base.safetensors, unrouted MLP weight matrices are the pretrained ones (SPEC).
+        # Outside base.safetensors, unrouted MLP weight matrices are the pretrained ones (docs/method.md §4).
         return "pretrained MLP"
     if name.startswith("static.") or relpath == ARTIFACT_WEIGHTS:
         return "static"

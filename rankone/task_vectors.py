@@ -1,6 +1,6 @@
 """Task vectors τt = θt − θ0 and the per-block norm analysis (the paper's Figure 2).
 
-SPEC ("Task vectors"): τt = θt − θ0 for every parameter of the image tower; an expert
+docs/method.md §3: τt = θt − θ0 for every parameter of the image tower; an expert
 whose τ is all zeros is an error naming the task (it is the pretrained model renamed).
 
 The analysis asks where fine-tuning moved the weights: per block l, the L2 norm of the

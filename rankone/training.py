@@ -1,6 +1,6 @@
 """Test-time adaptation by entropy minimisation, shared by every adaptive method (the adapt stage).
 
-SPEC ("Adaptation"): each step, for each task one batch of its unlabeled images, logits
+docs/method.md §9: each step, for each task one batch of its unlabeled images, logits
 through that task's head, loss = mean Shannon entropy of softmax(logits); the losses are
 summed over tasks; Adam. Only the method's own parameters (routers, coefficients) train.
 

@@ -249,7 +249,7 @@ def numpy(tensor: torch.Tensor) -> np.ndarray:
 
 
 def reference_gates(mlp, x: np.ndarray, select: float, routing: str) -> np.ndarray:
-    """SPEC's α' of a RankOneMLP for its input x (tokens on the mlp's token axis), computed apart from moe.py:
+    """The method's α' of a RankOneMLP for its input x (tokens on the mlp's token axis), computed apart from module.py:
     α = mean over tokens of the router, α' = α·sigmoid(100(α − thr)), thr the round(p·T·k)-th largest α."""
     alpha = (x @ numpy(mlp.router.weight).T + numpy(mlp.router.bias)).mean(axis=1 if mlp.batch_first else 0)
     if routing == "per-batch":

@@ -167,7 +167,7 @@ def test_eval_routing_reports_gate_shares_that_match_the_router_weights(every_st
     assert routing["experts"] == work.tasks and list(routing["gates"]) == work.tasks
     assert "averaged over 2 blocks" in stdout
 
-    # Independently: capture each block's MLP input, apply the router weights and SPEC's top-p in numpy.
+    # Independently: capture each block's MLP input, apply the router weights and the method's top-p in numpy.
     model, settings = routed_from_workspace(work)
     mlps = rankone_mlps(model)
     inputs: list[list[torch.Tensor]] = [[] for _ in mlps]

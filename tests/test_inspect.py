@@ -12,7 +12,7 @@ from rankone.models import named_architecture
 
 
 def test_vit_b_32_counts_are_pinned():
-    """SPEC "Parameter accounting": ViT-B/32, 8 tasks."""
+    """docs/method.md §12: ViT-B/32, 8 tasks."""
     report = architecture_report(named_architecture("ViT-B-32"), tasks=8)
     assert report["tower"] == 87_849_216
     rankone = {row["k"]: row for row in report["rankone"]}

@@ -102,3 +102,30 @@ def test_every_method_module_registers_exactly_one_method():
     assert {method.kind for method in registered.values()} == set(KINDS)
     rows = [method.row for method in methods.registered()]
     assert rows == sorted(rows) and len(set(rows)) == len(rows)
+
+
+def test_the_defaults_table_of_docs_method_matches_the_declarations():
+    import re
+
+    from rankone.pipeline import STAGES
+
+    declared: dict[str, set[str]] = {}
+    classes = {stage.options for stage in STAGES.values()} | {method.options for method in methods.registered()}
+    for options_class in classes:
+        for info in options_class.options():
+            shown = f"{info.default:g}" if isinstance(info.default, float) else str(info.default)
+            declared.setdefault(info.flag, set()).add(shown)
+    table = (PACKAGE.parent / "docs" / "method.md").read_text(encoding="utf-8").split("## 11. Defaults")[1].split("\n## ")[0]
+    checked = 0
+    for row in table.splitlines():
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        flags = re.findall(r"`(--[a-z-]+)`", cells[1]) if len(cells) == 3 else []
+        if len(flags) != 1:
+            continue
+        # Parentheses hold who uses a value, not values: `1e-4 (RankOne-MoE, WEMoE); 1e-3 (AdaMerging)`.
+        values = re.findall(r"[0-9][0-9.e-]*|[a-z]+(?:-[a-z]+)*", re.sub(r"\([^)]*\)", "", cells[2]))
+        for value in values:
+            shown = f"{float(value):g}" if value[0].isdigit() else value
+            assert shown in declared[flags[0]], f"docs/method.md defaults: {flags[0]} {value}, declared {sorted(declared[flags[0]])}"
+            checked += 1
+    assert checked >= 10

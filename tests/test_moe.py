@@ -157,7 +157,7 @@ def test_gradients_reach_only_router_parameters(tiny_architecture, base_state, e
 
 
 def test_parameter_count_of_vit_b_32_with_8_tasks_and_k_32():
-    """SPEC's accounting, counted from real modules (on the meta device: no memory, no SVD)."""
+    """The method's accounting, counted from real modules (on the meta device: no memory, no SVD)."""
     architecture = named_architecture("ViT-B-32")
     with torch.device("meta"):
         tower_state = {f"visual.{name}": tensor for name, tensor in build_visual(architecture).state_dict().items()}

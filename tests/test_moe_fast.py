@@ -1,4 +1,4 @@
-"""The fused routed forward against the plain one (SPEC's formula) on the tiny CLIP."""
+"""The fused routed forward against the plain one (the method's formula) on the tiny CLIP."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def tiny_model(architecture, base_state, expert_states, select=0.75, routing="pe
 
 
 def plain_copy(model: nn.Module) -> nn.Module:
-    """The same model running SPEC's unfused formula in every block."""
+    """The same model running the method's unfused formula in every block."""
     plain = copy.deepcopy(model)
     for mlp in rankone_mlps(plain):
         mlp.forward = mlp.plain_forward
@@ -68,7 +68,7 @@ def test_router_averages_tokens_before_its_affine_map():
     mlp = RankOneMLP(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d), torch.randn(hidden, experts), torch.randn(d, experts),
                      torch.randn(d, experts), torch.randn(hidden, experts), lam=0.3, select=None, routing="per-sample", batch_first=True)
     x = torch.randn(3, 5, d)
-    per_token = x @ mlp.router.weight.T + mlp.router.bias  # SPEC: route every token, then the mean over tokens
+    per_token = x @ mlp.router.weight.T + mlp.router.bias  # The method: route every token, then the mean over tokens
     torch.testing.assert_close(mlp.expert_weights(x), per_token.mean(dim=1), atol=1e-6, rtol=0)
 
 

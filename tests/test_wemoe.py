@@ -98,7 +98,7 @@ def test_same_seed_same_routers_and_only_routers_train(tiny_architecture, base_s
 
 
 def test_parameter_count_of_vit_b_32_with_8_tasks():
-    """SPEC's accounting: tower + dense MLP task vectors + routers, counted from the module on the meta device."""
+    """The method's accounting: tower + dense MLP task vectors + routers, counted from the module on the meta device."""
     architecture = named_architecture("ViT-B-32")
     with torch.device("meta"):
         base = {f"visual.{name}": tensor for name, tensor in build_visual(architecture).state_dict().items()}

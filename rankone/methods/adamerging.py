@@ -1,6 +1,6 @@
 """Layer-wise AdaMerging: task arithmetic with one trained coefficient per task and parameter group.
 
-SPEC ("Static baselines"): θ = θ0 + Σt λ_{t,g}·τt, where g is the parameter group of each
+docs/method.md §10: θ = θ0 + Σt λ_{t,g}·τt, where g is the parameter group of each
 tensor, λ starts at 0.3 everywhere (so the initial model IS task arithmetic with λ = 0.3)
 and is trained by the same entropy objective as the routers (Adam, lr 1e-3 by default).
 
@@ -9,7 +9,7 @@ weight and bias together. A transformer block therefore has six groups (ln_1, at
 attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj); every tensor outside the blocks (conv1,
 class_embedding, positional_embedding, ln_pre, ln_post, proj) is a group of its own. The
 name of a group is its tensors' key without the trailing weight/bias. ViT-B/32 has
-12·6 + 6 = 78 groups, so 8 tasks train 624 numbers. No clamp: SPEC asks for none.
+12·6 + 6 = 78 groups, so 8 tasks train 624 numbers. No clamp: the method asks for none.
 
 The merged weights are rebuilt from θ0 and the stacked task vectors at every step and the
 open_clip tower runs on them through torch.func.functional_call, so gradients reach the

@@ -1,13 +1,13 @@
 """WEMoE (Weight-Ensembling MoE), the dynamic method RankOne-MoE is compared against.
 
-SPEC ("WEMoE"): everything outside the MLPs is the static merge θ0 + λ·Στ. Each block's
+docs/method.md §10: everything outside the MLPs is the static merge θ0 + λ·Στ. Each block's
 MLP computes, for sample b, with W_b = W0 + Σt w_bt·τt for the weights AND biases of c_fc
 and c_proj (the full dense τt, pretrained W0):
     w_b = mean over tokens of router(x),  router = Linear(d, d) → ReLU → Linear(d, T)
 where x is the MLP input (after ln_2), all tokens. The first layer starts at weight
 N(0, 0.01²), bias 0, the second at weight N(0, 0.01²), bias λ, so the model starts near
 task arithmetic. No softmax. The router is applied to every token and its outputs are
-averaged, exactly as RankOne-MoE's router is (SPEC "Router").
+averaged, exactly as RankOne-MoE's router is (docs/method.md §6).
 
 The per-sample weights are never built: x·W0ᵀ + Σt w_bt·(x·τtᵀ) is one matrix product over
 the tasks stacked along the contracted (or the output) dimension, whichever is smaller.

@@ -1,6 +1,6 @@
 """The RankOne-MoE MLP: pretrained MLP + routed rank-one experts, and its injection into open_clip.
 
-SPEC ("Router", "MLP forward with experts"): one router per block, shared by c_fc and
+docs/method.md §6, §7: one router per block, shared by c_fc and
 c_proj: α = mean over tokens of Linear(d → T·k)(x), weight N(0, 0.01²), bias λ, no
 softmax. Top-p keeps m = round(p·T·k) experts softly: α' = α ⊙ sigmoid(100·(α − thr)),
 thr the m-th largest α of the sample. Experts run on the low-rank path
@@ -147,7 +147,7 @@ class RankOneMLP(nn.Module):
         return fused_expert_linear(hidden, fused[2], fused[3], self.proj_u, gate)
 
     def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """SPEC's formula written out, the reference the fused path is tested against."""
+        """The method's formula written out, the reference the fused path is tested against."""
         gate = self.expert_weights(x).unsqueeze(self.token_dim)
         hidden = self.gelu(self.c_fc(x) + ((x @ self.fc_v) * gate) @ self.fc_u.T)
         return self.c_proj(hidden) + ((hidden @ self.proj_v) * gate) @ self.proj_u.T

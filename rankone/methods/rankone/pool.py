@@ -1,6 +1,6 @@
 """The rank-one pool: top-k SVD triplets of every MLP weight task vector, and the static part.
 
-SPEC ("Rank-one pool"): for every block and each of `mlp.c_fc.weight` and
+docs/method.md §5: for every block and each of `mlp.c_fc.weight` and
 `mlp.c_proj.weight`, for every task t, τ = U S Vᵀ; keep the top k triplets as u_j and
 v̂_j = s_j·v_j. Columns are concatenated task-major: column t·k + j belongs to task t.
 Everything else (attention, norms, embeddings, both MLP biases) is the static merge
@@ -157,7 +157,7 @@ def static_part(
     """θ0 + λ·Στ for every image-tower tensor except the MLP weight matrices, which stay θ0.
 
     The MLP weights stay pretrained because the experts add their low-rank τ on top at run
-    time (SPEC "MLP forward with experts"); the MLP biases are merged like everything else.
+    time (docs/method.md §7); the MLP biases are merged like everything else.
     """
     static: dict[str, torch.Tensor] = {}
     for key, tensor in base_visual.items():
