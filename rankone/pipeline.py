@@ -59,7 +59,7 @@ from rankone.options import Options, OptionInfo, check_value, option, parse_pair
 from rankone.sources import fetch, preset as preset_sources
 from rankone.task_vectors import ANALYSIS_FILE, compute_task_vectors, task_vector_path
 from rankone.training import AdaptOptions
-from rankone.workspace import Workspace, sha256_file
+from rankone.workspace import Workspace, producer_of, sha256_file
 
 DEFAULT_WORKSPACE = Path("rankone-work")
 RECORD_KEY = "pipeline"
@@ -375,7 +375,9 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("eval", "Top-1 accuracy of a method on each task's labeled test images; writes eval/<method>.json.",
           EvalOptions, _run_eval, lambda tasks, options: [f"eval/{options.method}.json"], _eval_inputs, method_kind="any"),
     Stage("compare", "Evaluate every method the workspace can run, like the paper's Table 1.",
-          CompareOptions, _run_compare, lambda tasks, options: ["compare.json", "compare.md"],
+          CompareOptions, _run_compare,
+          # It rewrites the eval report of every method it evaluates, so an earlier eval's report is compare's now.
+          lambda tasks, options: ["compare.json", "compare.md", *(f"eval/{name}.json" for name in options.methods or methods.names())],
           lambda tasks, options: ["base.safetensors"]),
     Stage("export", "Write a method's model as one self-contained folder.",
           ExportOptions, _run_export,
@@ -435,33 +437,6 @@ class Step:
         if self.method_options is not None:
             values.update(self.method_options.record())
         return values
-
-    def command(self, workspace: Path, device: str) -> list[str]:
-        """The `rankone STAGE ...` arguments that run this step by hand."""
-        args = [self.stage.name]
-        method = getattr(self.options, "method", None)
-        if method is not None:
-            args += ["--method", method]
-        for holder in (self.options, self.method_options):
-            if holder is not None:
-                for info in holder.options():
-                    if info.name != "method":
-                        args += _flag_arguments(info, getattr(holder, info.name))
-        return args + ["-w", str(workspace), "--device", device]
-
-
-def _flag_arguments(info: OptionInfo, value: Any) -> list[str]:
-    if value == info.default or value is None:
-        return []
-    if isinstance(value, bool):
-        return [info.flag] if value else []
-    if isinstance(value, dict):
-        return [part for key, item in value.items() for part in (info.flag, f"{key}={item}")]
-    if isinstance(value, list):
-        return [part for item in value for part in (info.flag, str(item))]
-    if isinstance(value, float):
-        return [info.flag, f"{value:g}"]
-    return [info.flag, str(value)]
 
 
 @dataclass
@@ -689,17 +664,10 @@ def _check_order(pipeline: Pipeline, lines: _Lines, fail) -> None:
             present = set()  # a fetch replaces the models and drops what was derived from them
         for relpath in step.stage.inputs(tasks, step.options):
             if relpath not in written and relpath not in present:
-                producer = next((stage.name for stage in STAGES.values()
-                                 if stage.name != step.stage.name and _writes(stage, relpath)), "fetch")
+                producer = producer_of(relpath).removeprefix("rankone ")
                 raise RankoneError(f"{pipeline.path}:{step.line}: {step.where}: needs {relpath}, which no earlier stage "
                                    f"writes and the workspace lacks (add a `{producer}` stage before it)")
         written.update(step.stage.outputs(tasks, step.options))
-
-
-def _writes(stage: Stage, relpath: str) -> bool:
-    prefixes = {"fetch": ("base.safetensors", "experts/"), "task-vectors": ("task_vectors/",), "build-pool": (POOL_FILE,),
-                "merge": ("merged/",), "adapt": ("adapted/",), "eval": ("eval/",)}
-    return relpath.startswith(prefixes.get(stage.name, ()))
 
 
 # ---- plan and run -----------------------------------------------------------------------------

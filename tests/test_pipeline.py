@@ -161,6 +161,23 @@ def test_example_pipeline_files_load(tmp_path, monkeypatch):
     paper = load_pipeline(Path(__file__).resolve().parent.parent / "examples" / "vit-b-32-ta8.yaml", workspace=tmp_path / "w")
     assert [step.stage.name for step in paper.steps][:2] == ["fetch", "task-vectors"]
     assert next(step for step in paper.steps if step.stage.name == "build-pool").options.k == 32
-    zoo = {"ZOO": str(tmp_path)}
+    zoo = {"ZOO": str(tmp_path), "LAMBDA": "0.3"}
     with pytest.raises(RankoneError, match=r"demo\.yaml:\d+: stages\[\d+\]\.adapt\.data: --data .*: no such folder"):
         load_pipeline(pipeline_file("full"), workspace=tmp_path / "w", examples=lambda name: zoo)
+
+
+@pytest.mark.slow
+def test_the_quick_example_reruns_as_all_skipped(tmp_path, monkeypatch, rankone_cli):
+    from rankone.examples.demo import pipeline_file
+
+    monkeypatch.setenv("RANKONE_CACHE", str(tmp_path / "cache"))
+    work = tmp_path / "example"
+    code, out, err = rankone_cli("run", pipeline_file("quick"), "-w", work, "--device", "cpu")
+    assert code == 0, err
+    assert run_lines(out) and all(line.startswith("$ rankone") for line in run_lines(out))
+    before = snapshot(work)
+    code, out, err = rankone_cli("run", pipeline_file("quick"), "-w", work, "--device", "cpu")
+    assert code == 0, err
+    # compare rewrites the eval reports, the seeds' adaptations overwrite each other: still all up to date.
+    assert run_lines(out) and all(line.startswith("skip rankone") for line in run_lines(out)), out
+    assert snapshot(work) == before

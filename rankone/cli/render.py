@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -9,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from rankone.compare import relative
+from rankone.options import OptionInfo
 from rankone.pipeline import Pipeline, PlannedStep, Step
 from rankone.workspace import Workspace
 
@@ -141,3 +143,31 @@ def stage_summary(step: Step, result: Any) -> list[str]:
     if name == "export" and "out" in result:
         return [f"wrote {result['out']} ({result['dtype']}, {result['bytes'] / 1e6:,.2f} MB)"]
     return []
+
+
+def command_arguments(step: Step, workspace: Path, device: str) -> list[str]:
+    """The `rankone STAGE ...` arguments that run a pipeline step by hand (options at their default left out)."""
+    args = [step.stage.name]
+    method = getattr(step.options, "method", None)
+    if method is not None:
+        args += ["--method", method]
+    for holder in (step.options, step.method_options):
+        if holder is not None:
+            for info in holder.options():
+                if info.name != "method":
+                    args += _flag_arguments(info, getattr(holder, info.name))
+    return args + ["-w", str(workspace), "--device", device]
+
+
+def _flag_arguments(info: OptionInfo, value: Any) -> list[str]:
+    if value == info.default or value is None:
+        return []
+    if isinstance(value, bool):
+        return [info.flag] if value else []
+    if isinstance(value, dict):
+        return [part for key, item in value.items() for part in (info.flag, f"{key}={item}")]
+    if isinstance(value, list):
+        return [part for item in value for part in (info.flag, str(item))]
+    if isinstance(value, float):
+        return [info.flag, f"{value:g}"]
+    return [info.flag, str(value)]

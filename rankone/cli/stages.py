@@ -231,7 +231,7 @@ def execute(chosen: pipeline.Pipeline) -> list[dict[str, Any]]:
     run_context = context(chosen.device)
 
     def on_step(planned: pipeline.PlannedStep, index: int) -> None:
-        command = " ".join(_quote(arg) for arg in planned.step.command(chosen.workspace, chosen.device))
+        command = " ".join(shlex.quote(arg) for arg in render.command_arguments(planned.step, chosen.workspace, chosen.device))
         say(("$ rankone " if planned.run else "skip rankone ") + command + ("" if planned.run else f"  ({planned.reason})"))
 
     def on_result(planned: pipeline.PlannedStep, result: Any) -> None:
@@ -239,7 +239,3 @@ def execute(chosen: pipeline.Pipeline) -> list[dict[str, Any]]:
             say("  " + line)
 
     return pipeline.run_pipeline(chosen, run_context, on_step=on_step, on_result=on_result)
-
-
-def _quote(arg: str) -> str:
-    return shlex.quote(arg)
