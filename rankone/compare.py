@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from rankone import methods
 from rankone.errors import RankoneError
-from rankone.evaluate import evaluate, evaluation_inputs, write_report
+from rankone.evaluate import EvaluationOptions, evaluate, evaluation_inputs, write_report
 from rankone.workspace import Workspace, producer_of
 
 COMPARE_JSON = "compare.json"
@@ -66,12 +66,12 @@ def compare(
     tasks: Sequence[str] | None = None,
     method_names: Sequence[str] | None = None,
     *,
-    heads_source: str = "builtin",
+    heads_source: str = EvaluationOptions.heads_source,
     classnames: dict[str, list[str]] | None = None,
     templates: dict[str, list[str]] | None = None,
     device: torch.device | str = "cpu",
-    dtype: str = "fp32",
-    batch_size: int = 64,
+    dtype: str = EvaluationOptions.dtype,
+    batch_size: int = EvaluationOptions.batch_size,
     progress: bool = True,
     on_method=None,
 ) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,29 @@ from rankone.errors import RankoneError
 from rankone.heads import HEAD_SOURCES, classify_logits, fusionbench_classnames_and_templates, heads_for_tasks
 from rankone.methods import MethodModel, load_method
 from rankone.methods.rankone.module import expert_shares, recording_gates, routed_tasks
+from rankone.models import DTYPES, FULL_PRECISION
+from rankone.options import Options, option
 from rankone.workspace import Staging, Workspace
 
 EVAL_DIR = "eval"
+
+
+_DTYPE_HELP = "Precision the image encoder runs in: fp32, fp16 or bf16 (heads and logits stay fp32)."
+
+
+@dataclass(frozen=True)
+class EvaluationOptions(Options):
+    """What eval and compare share: the labeled images, the heads, the batch and the precision."""
+
+    data: Path | None = option(None, "Labeled test images DIR/<task>/<class>/<image> (default: WORKSPACE/data).")
+    tasks: list[str] | None = option(None, "Tasks: --tasks a b, --tasks a,b (default: every workspace task).")
+    heads_source: str = option("builtin", "builtin (class names from the data folders or files, rankone's templates) or "
+                               "fusionbench (FusionBench's lists; needed for its checkpoints).", choices=HEAD_SOURCES)
+    classnames: list[str] | None = option(None, "Class names, one per line: FILE (one task) or TASK=FILE; repeatable.")
+    templates: list[str] | None = option(None, "Templates with {}, one per line: FILE (one task) or TASK=FILE; repeatable.")
+    batch_size: int = option(64, "Images per forward pass.", low=1)
+    dtype: str = option(FULL_PRECISION, _DTYPE_HELP, choices=tuple(DTYPES))
+
 
 
 class ImagesPerSecond(ProgressColumn):
@@ -59,7 +80,7 @@ def task_accuracy(
     transform,
     *,
     device: torch.device | str,
-    batch_size: int = 64,
+    batch_size: int = EvaluationOptions.batch_size,
     advance=None,
 ) -> tuple[int, int]:
     """(correct, total) top-1 predictions of `encoder` + `head` on `images`."""
@@ -85,7 +106,7 @@ def evaluate(
     datasets: dict[str, LabeledImages],
     *,
     device: torch.device | str = "cpu",
-    batch_size: int = 64,
+    batch_size: int = EvaluationOptions.batch_size,
     progress: bool = True,
     routing: bool = False,
 ) -> dict[str, Any]:
@@ -150,7 +171,7 @@ def evaluation_inputs(
     tasks: Sequence[str],
     data_root: Path | str,
     *,
-    heads_source: str = "builtin",
+    heads_source: str = EvaluationOptions.heads_source,
     classnames: dict[str, list[str]] | None = None,
     templates: dict[str, list[str]] | None = None,
     device: torch.device | str = "cpu",
@@ -167,10 +188,10 @@ def evaluation_inputs(
         raise RankoneError(f"--heads-source {heads_source!r}: choose from {', '.join(HEAD_SOURCES)}")
     check_tasks(workspace, tasks)
     classnames, templates = classnames or {}, templates or {}
-    for option, given in (("--classnames", classnames), ("--templates", templates)):
+    for flag, given in (("--classnames", classnames), ("--templates", templates)):
         for task in given:
             if task not in tasks:
-                raise RankoneError(f"{option}: task {task!r} is not among the evaluated tasks ({', '.join(tasks)})")
+                raise RankoneError(f"{flag}: task {task!r} is not among the evaluated tasks ({', '.join(tasks)})")
     datasets: dict[str, LabeledImages] = {}
     requests: dict[str, tuple[list[str], list[str] | None]] = {}
     for task in tasks:
@@ -208,12 +229,12 @@ def evaluate_workspace(
     tasks: Sequence[str] | None,
     data_root: Path | str,
     *,
-    heads_source: str = "builtin",
+    heads_source: str = EvaluationOptions.heads_source,
     classnames: dict[str, list[str]] | None = None,
     templates: dict[str, list[str]] | None = None,
     device: torch.device | str = "cpu",
-    dtype: str = "fp32",
-    batch_size: int = 64,
+    dtype: str = EvaluationOptions.dtype,
+    batch_size: int = EvaluationOptions.batch_size,
     progress: bool = True,
     routing: bool = False,
     on_datasets: Callable[[dict[str, LabeledImages]], None] | None = None,

@@ -41,6 +41,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 # Names the CLI takes for floating-point precisions.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FULL_PRECISION = "fp32"
 
 
 def resolve_dtype(dtype: str | torch.dtype, option: str = "--dtype") -> torch.dtype:

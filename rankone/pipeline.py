@@ -49,12 +49,12 @@ import yaml
 from rankone import methods
 from rankone.compare import compare
 from rankone.errors import RankoneError
-from rankone.evaluate import check_tasks, evaluate_workspace
-from rankone.heads import HEAD_SOURCES, read_lines
+from rankone.evaluate import EvaluationOptions, check_tasks, evaluate_workspace
+from rankone.heads import read_lines
 from rankone.methods.merging import merge_step_count
 from rankone.methods.rankone import PoolOptions, build_pool_stage
 from rankone.methods.rankone.pool import POOL_FILE, check_pool_options
-from rankone.models import DTYPES
+from rankone.models import DTYPES, FULL_PRECISION
 from rankone.options import Options, OptionInfo, check_value, option, parse_pairs
 from rankone.sources import fetch, preset as preset_sources
 from rankone.task_vectors import ANALYSIS_FILE, compute_task_vectors, task_vector_path
@@ -135,23 +135,6 @@ class AdaptStageOptions(AdaptOptions):
     method: str = option("rankone", "Adaptive method to train: " + ", ".join(methods.names("adaptive")) + ".")
 
 
-_DTYPE_HELP = "Precision the image encoder runs in: fp32, fp16 or bf16 (heads and logits stay fp32)."
-
-
-@dataclass(frozen=True)
-class EvaluationOptions(Options):
-    """What eval and compare share: the labeled images, the heads, the batch and the precision."""
-
-    data: Path | None = option(None, "Labeled test images DIR/<task>/<class>/<image> (default: WORKSPACE/data).")
-    tasks: list[str] | None = option(None, "Tasks: --tasks a b, --tasks a,b (default: every workspace task).")
-    heads_source: str = option("builtin", "builtin (class names from the data folders or files, rankone's templates) or "
-                               "fusionbench (FusionBench's lists; needed for its checkpoints).", choices=HEAD_SOURCES)
-    classnames: list[str] | None = option(None, "Class names, one per line: FILE (one task) or TASK=FILE; repeatable.")
-    templates: list[str] | None = option(None, "Templates with {}, one per line: FILE (one task) or TASK=FILE; repeatable.")
-    batch_size: int = option(64, "Images per forward pass.", low=1)
-    dtype: str = option("fp32", _DTYPE_HELP, choices=tuple(DTYPES))
-
-
 @dataclass(frozen=True, kw_only=True)
 class EvalOptions(EvaluationOptions):
     method: str = option(help=", ".join(methods.names()) + ".")
@@ -168,7 +151,7 @@ class CompareOptions(EvaluationOptions):
 @dataclass(frozen=True, kw_only=True)
 class ExportOptions(Options):
     out: Path = option(help="Folder to write rankone.json and model.safetensors to.")
-    dtype: str = option("fp32", "Storage precision of the pool and routers: fp32, fp16 or bf16 (tower and heads stay fp32).",
+    dtype: str = option(FULL_PRECISION, "Storage precision of the pool and routers: fp32, fp16 or bf16 (tower and heads stay fp32).",
                         choices=tuple(DTYPES))
     method: str = option("rankone", "Method to export (methods with an export: "
                          + ", ".join(method.name for method in methods.registered() if method.export) + ").")

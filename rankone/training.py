@@ -312,7 +312,7 @@ HeadRequests = dict[str, tuple[list[str], list[str] | None]]
 def head_requests(
     workspace: Workspace,
     tasks: list[str],
-    heads_source: str = "builtin",
+    heads_source: str = AdaptOptions.heads_source,
     classnames_from: Path | None = None,
     classnames: dict[str, str] | None = None,
     templates: dict[str, str] | None = None,

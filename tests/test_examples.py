@@ -158,11 +158,11 @@ def test_demo_refuses_a_foreign_workspace(tiny_workspace, tmp_path, monkeypatch)
     monkeypatch.setenv("RANKONE_CACHE", str(tmp_path / "cache"))
     built = zoo.build_zoo(zoo.recipe(quick=True, tasks=["digits"], held_out=[], sizes={"pretrain": 8, "finetune": 4, "test": 4, "unlabeled": 4},
                                      pretrain={"steps": 1, "batch_size": 4, "lr": 1e-3}, finetune={"steps": 1, "lr": 1e-4, "batch_size": 2}))
-    from rankone.examples.demo import demo_pipeline
+    from rankone.examples.demo import Example, demo_pipeline
 
     before = (tiny_workspace.root / "manifest.json").read_bytes()
     with pytest.raises(RankoneError, match="not made by `rankone demo`"):
-        demo_pipeline("quick", tiny_workspace.root, "cpu", None, {"ZOO": str(built.root)})
+        demo_pipeline(Example("quick", built), tiny_workspace.root, "cpu", None)
     assert (tiny_workspace.root / "manifest.json").read_bytes() == before
 
 

@@ -138,8 +138,8 @@ def with_seeds(steps: list[Step], seeds: int) -> list[Step]:
 
 def demo_pipeline(example: Example, workspace: Path | str, device: str, seeds: int | None) -> Pipeline:
     """The example's pipeline on `workspace`, with `seeds` RankOne-MoE seeds when given."""
+    _check_workspace(Workspace(workspace))
     chosen = load_pipeline(pipeline_file(example.name), workspace=Path(workspace), device=device, examples=lambda _: example.variables())
-    _check_workspace(Workspace(chosen.workspace))
     if seeds is not None:
         chosen.steps = with_seeds(chosen.steps, seeds)
     return chosen

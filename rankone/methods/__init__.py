@@ -17,7 +17,7 @@ from rankone.errors import RankoneError
 from rankone.methods import merging
 from rankone.methods.base import Method, MethodModel, registered
 from rankone.methods.merging import add_update
-from rankone.models import PrecisionEncoder, dtype_name, preprocess_for, resolve_dtype
+from rankone.models import FULL_PRECISION, PrecisionEncoder, dtype_name, preprocess_for, resolve_dtype
 from rankone.options import Options
 from rankone.training import AdaptOptions
 from rankone.workspace import Workspace
@@ -43,7 +43,7 @@ def get(name: str, kind: str | None = None, option: str = "--method", default: s
 
 
 def load_method(
-    workspace: Workspace, method: str, device: torch.device | str = "cpu", dtype: str | torch.dtype = "fp32"
+    workspace: Workspace, method: str, device: torch.device | str = "cpu", dtype: str | torch.dtype = FULL_PRECISION
 ) -> MethodModel:
     """The method's encoders and parameter count, ready for `evaluate.evaluate`.
 

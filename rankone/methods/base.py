@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from rankone.errors import RankoneError
-from rankone.models import load_clip, visual_state
+from rankone.models import FULL_PRECISION, load_clip, visual_state
 from rankone.options import NoOptions, Options
 from rankone.task_vectors import task_vector_path
 from rankone.workspace import Workspace
@@ -42,7 +42,7 @@ class MethodModel:
     # open_clip's evaluation transform; `load_method` fills it in from the workspace when a loader leaves it None.
     preprocess: Callable[[Any], torch.Tensor] | None = None
     # The precision the encoders run in (`load_method(dtype=...)`); embeddings, heads and logits are fp32 whatever it is.
-    dtype: str = "fp32"
+    dtype: str = FULL_PRECISION
 
 
 Loader = Callable[[Workspace, str, torch.device], MethodModel]

@@ -25,7 +25,7 @@ from rankone.errors import RankoneError
 from rankone.heads import classify_logits, templates_for
 from rankone.methods.rankone.module import load_router_state, parameter_counts, routed_model
 from rankone.methods.rankone.pool import read_pool
-from rankone.models import DTYPES, dtype_support, preprocess_for, resolve_dtype
+from rankone.models import DTYPES, FULL_PRECISION, dtype_support, preprocess_for, resolve_dtype
 from rankone.training import task_heads
 from rankone.workspace import Workspace, load_tensors, read_tensors_metadata, save_tensors_atomic, sha256_file
 
@@ -149,7 +149,7 @@ def _templates(task: str) -> list[str] | None:
         return None
 
 
-def artifact_tensors(model: "RankOneClassifier", dtype: str = "fp32") -> dict[str, Tensor]:
+def artifact_tensors(model: "RankOneClassifier", dtype: str = FULL_PRECISION) -> dict[str, Tensor]:
     """The tensors of model.safetensors: pool and routers in `dtype`, everything else fp32."""
     tensors = {}
     for name, tensor in model.visual.state_dict().items():
@@ -161,7 +161,7 @@ def artifact_tensors(model: "RankOneClassifier", dtype: str = "fp32") -> dict[st
     return tensors
 
 
-def export(workspace: Workspace, out: Path, dtype: str = "fp32", device: torch.device | str = "cpu") -> dict[str, Any]:
+def export(workspace: Workspace, out: Path, dtype: str = FULL_PRECISION, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Write `out/rankone.json` and `out/model.safetensors`; returns the JSON written.
 
     `dtype` is the storage precision of the pool and the routers, the parts RankOne-MoE

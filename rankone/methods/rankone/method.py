@@ -35,7 +35,7 @@ class PoolOptions(Options):
     title = "pool"
     k: int = option(32, "Rank-one experts kept per task and MLP matrix.", low=1)
     lam: float = lambda_option("λ of the static part θ0 + λΣτ (and the routers' initial bias).")
-    svd: str = option("exact", "exact (torch.linalg.svd) or randomized (block Krylov, 3 iterations; within 0.1% of the "
+    svd: str = option(SVD_METHODS[0], "exact (torch.linalg.svd) or randomized (block Krylov, 3 iterations; within 0.1% of the "
                       "exact kept energy on decaying spectra).", choices=SVD_METHODS)
 
 

@@ -93,7 +93,7 @@ def randomized_svd(
 def build_pool(
     task_vectors: list[dict[str, torch.Tensor]],
     k: int,
-    svd: str = "exact",
+    svd: str = SVD_METHODS[0],
     *,
     tasks: list[str] | None = None,
     iterations: int = KRYLOV_ITERATIONS,
