@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from rankone import methods
 from rankone.errors import RankoneError
-from rankone.evaluate import EvaluationOptions, evaluate, evaluation_inputs, write_report
+from rankone.evaluate import EvaluationOptions, evaluate, evaluation_inputs, labeled_data_root, write_report
 from rankone.workspace import Workspace, producer_of
 
 COMPARE_JSON = "compare.json"
@@ -88,9 +88,7 @@ def compare(
     tasks = list(tasks) if tasks else workspace.tasks
     if len(set(tasks)) != len(tasks):
         raise RankoneError("--tasks: a task is given twice")
-    data = Path(data)
-    if not data.is_dir():
-        raise RankoneError(f"--data {data}: no such folder")
+    data = labeled_data_root(workspace, data)
     tower = tower_parameters(workspace)
     # One transaction for new heads, every report and the table: a failure leaves no trace.
     with workspace.transaction() as staging:

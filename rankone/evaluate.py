@@ -156,6 +156,14 @@ def evaluate(
     return report
 
 
+def labeled_data_root(workspace: Workspace, data: Path | str | None) -> Path:
+    """`--data DIR`, or the workspace's data/ (test splits from `rankone fetch --dataset`); it must be a folder."""
+    root = Path(data) if data is not None else workspace.path("data")
+    if not root.is_dir():
+        raise RankoneError(f"--data {root}: no such folder (fetch test splits with `rankone fetch --dataset`, or pass --data DIR)")
+    return root
+
+
 def check_tasks(workspace: Workspace, tasks: Sequence[str]) -> None:
     """Every task must be a workspace task; the error lists the known ones."""
     known = workspace.tasks

@@ -49,11 +49,11 @@ import yaml
 from rankone import methods
 from rankone.compare import compare
 from rankone.errors import RankoneError
-from rankone.evaluate import EvaluationOptions, check_tasks, evaluate_workspace
+from rankone.evaluate import EvaluationOptions, check_tasks, evaluate_workspace, labeled_data_root
 from rankone.heads import read_lines
 from rankone.methods.merging import merge_step_count
 from rankone.methods.rankone import PoolOptions, build_pool_stage
-from rankone.methods.rankone.pool import POOL_FILE, check_pool_options
+from rankone.methods.rankone.pool import POOL_FILE
 from rankone.models import DTYPES, FULL_PRECISION
 from rankone.options import Options, OptionInfo, check_value, option, parse_pairs
 from rankone.sources import fetch, preset as preset_sources
@@ -192,12 +192,9 @@ class Stage:
 
     def method_option_classes(self) -> list[type[Options]]:
         """The options classes of every method this stage can take, for the CLI's flags and the YAML keys."""
-        if self.method_kind is None:
-            return []
-        kind = None if self.method_kind == "any" else self.method_kind
         found: list[type[Options]] = []
         for method in methods.registered():
-            if (kind is None or method.kind == kind) and method.options not in found and method.options.options():
+            if self.takes(method) and method.options not in found and method.options.options():
                 found.append(method.options)
         return found
 
@@ -222,7 +219,6 @@ def _run_task_vectors(workspace: Workspace, options: TaskVectorsOptions, method_
 
 
 def _run_build_pool(workspace: Workspace, options: PoolOptions, method_options: None, context: Context) -> dict:
-    check_pool_options(workspace.architecture, options.k, options.svd)
     with context.bar("SVD", 2 * int(workspace.architecture["vision_cfg"]["layers"])) as advance:
         report = build_pool_stage(workspace, options, progress=advance, device=context.device)
     return {"kept_energy": report.kept_energy, "tower_parameters": report.tower_parameters, "counts": report.counts}
@@ -261,13 +257,6 @@ def per_task_lists(values: list[str] | None, option: str, tasks: list[str], what
     return {task: read_lines(path, what) for task, path in files.items()}
 
 
-def _data_root(workspace: Workspace, data: Path | None) -> Path:
-    root = data if data is not None else workspace.path("data")
-    if not root.is_dir():
-        raise RankoneError(f"--data {root}: no such folder (fetch test splits with `rankone fetch --dataset`, or pass --data DIR)")
-    return root
-
-
 def _run_eval(workspace: Workspace, options: EvalOptions, method_options: None, context: Context) -> dict:
     method = methods.get(options.method)
     if options.routing and not method.routed:
@@ -277,7 +266,7 @@ def _run_eval(workspace: Workspace, options: EvalOptions, method_options: None, 
     check_tasks(workspace, tasks)
     if options.dtype == "fp16" and context.device.type == "cpu":
         context.note("note: fp16 runs slowly on the CPU (measured ~5× slower than fp32); bf16 is the CPU's fast half precision")
-    data_root = _data_root(workspace, options.data)
+    data_root = labeled_data_root(workspace, options.data)
     if options.heads_source == "builtin":
         sources = workspace.manifest().get("sources", {}).get("experts", {})
         if any("tanganke" in str(entry) or "fusion" in str(entry).lower() for entry in sources.values()):
@@ -301,7 +290,7 @@ def _run_eval(workspace: Workspace, options: EvalOptions, method_options: None, 
 def _run_compare(workspace: Workspace, options: CompareOptions, method_options: None, context: Context) -> dict:
     tasks = options.tasks or workspace.tasks
     return compare(
-        workspace, options.data if options.data is not None else workspace.path("data"), tasks, options.methods,
+        workspace, labeled_data_root(workspace, options.data), tasks, options.methods,
         heads_source=options.heads_source,
         classnames=per_task_lists(options.classnames, "--classnames", tasks, "class names"),
         templates=per_task_lists(options.templates, "--templates", tasks, "templates"),
@@ -326,19 +315,11 @@ def _method_output(tasks: list[str], options: Options) -> list[str]:
 
 
 def _method_inputs(tasks: list[str], options: Options) -> list[str]:
-    method = methods.get(options.method)
-    return _expand(method.inputs, tasks)
+    return methods.get(options.method).input_files(tasks)
 
 
 def _eval_inputs(tasks: list[str], options: Options) -> list[str]:
-    method = methods.get(options.method)
-    return _expand(method.eval_inputs, tasks) + ([method.output] if method.output else [])
-
-
-def _expand(needs: tuple[str, ...], tasks: list[str]) -> list[str]:
-    files = {"base": ["base.safetensors"], "experts": [f"experts/{task}.safetensors" for task in tasks],
-             "task-vectors": [task_vector_path(task) for task in tasks], "pool": [POOL_FILE]}
-    return [relpath for need in needs for relpath in files[need]]
+    return methods.get(options.method).eval_files(tasks)
 
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (

@@ -181,3 +181,13 @@ def test_the_quick_example_reruns_as_all_skipped(tmp_path, monkeypatch, rankone_
     # compare rewrites the eval reports, the seeds' adaptations overwrite each other: still all up to date.
     assert run_lines(out) and all(line.startswith("skip rankone") for line in run_lines(out)), out
     assert snapshot(work) == before
+    # The same file with another k: build-pool and every stage after it would run, and only those.
+    changed = tmp_path / "quick-k3.yaml"
+    changed.write_text(pipeline_file("quick").read_text().replace("build-pool: {k: 2,", "build-pool: {k: 3,"))
+    code, out, err = rankone_cli("run", changed, "-w", work, "--device", "cpu", "--dry-run")
+    assert code == 0, err
+    plan_lines = [line.split() for line in out.splitlines() if line.split() and line.split()[0].isdigit()]
+    first_run = next(index for index, words in enumerate(plan_lines) if words[1] == "run")
+    assert plan_lines[first_run][2] == "build-pool" and "options changed: k 2 → 3" in " ".join(plan_lines[first_run])
+    assert all(words[1] == "skip" for words in plan_lines[:first_run]) and all(words[1] == "run" for words in plan_lines[first_run:])
+    assert snapshot(work) == before

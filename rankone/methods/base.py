@@ -85,29 +85,25 @@ class Method:
         if self.kind == "adaptive" and (self.adapt is None or self.output is None):
             raise ValueError(f"method {self.name}: an adaptive method needs `adapt` and `output`")
 
-    def input_files(self, workspace: Workspace, needs: tuple[str, ...] | None = None) -> list[str]:
-        """The workspace files behind `needs` (default: what building or adapting reads)."""
-        tasks = workspace.tasks
-        files: list[str] = []
-        for need in self.inputs if needs is None else needs:
-            if need == "base":
-                files.append(BASE_FILE)
-            elif need == "experts":
-                files += [f"experts/{task}.safetensors" for task in tasks]
-            elif need == "task-vectors":
-                files += [task_vector_path(task) for task in tasks]
-            elif need == "pool":
-                files.append(POOL_FILE)
-        return files
+    def input_files(self, tasks: list[str]) -> list[str]:
+        """The workspace files building or adapting the method reads."""
+        return needed_files(self.inputs, tasks)
 
-    def eval_files(self, workspace: Workspace) -> list[str]:
+    def eval_files(self, tasks: list[str]) -> list[str]:
         """Every workspace file evaluating the method reads, its own output included."""
-        return self.input_files(workspace, self.eval_inputs) + ([self.output] if self.output else [])
+        return needed_files(self.eval_inputs, tasks) + ([self.output] if self.output else [])
 
     def missing_files(self, workspace: Workspace) -> list[str]:
         """The files evaluation needs that the workspace's manifest does not record."""
         present = set(workspace.manifest().get("files", {}))
-        return [relpath for relpath in self.eval_files(workspace) if relpath not in present]
+        return [relpath for relpath in self.eval_files(workspace.tasks) if relpath not in present]
+
+
+def needed_files(needs: tuple[str, ...], tasks: list[str]) -> list[str]:
+    """The workspace files behind `needs` (base, experts, task-vectors, pool) for `tasks`."""
+    files = {"base": [BASE_FILE], "experts": [f"experts/{task}.safetensors" for task in tasks],
+             "task-vectors": [task_vector_path(task) for task in tasks], "pool": [POOL_FILE]}
+    return [relpath for need in needs for relpath in files[need]]
 
 
 _REGISTRY: dict[str, Method] = {}
