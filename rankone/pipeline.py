@@ -295,7 +295,7 @@ def _run_compare(workspace: Workspace, options: CompareOptions, method_options: 
         classnames=per_task_lists(options.classnames, "--classnames", tasks, "class names"),
         templates=per_task_lists(options.templates, "--templates", tasks, "templates"),
         device=context.device, dtype=options.dtype, batch_size=options.batch_size, progress=context.progress,
-        on_method=lambda name: context.note(f"[bold]{name}[/]"),
+        on_method=context.note,
     )
 
 

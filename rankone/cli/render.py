@@ -11,7 +11,7 @@ from rich.table import Table
 
 from rankone.compare import relative
 from rankone.options import OptionInfo
-from rankone.pipeline import Pipeline, PlannedStep, Step
+from rankone.pipeline import PlannedStep, Step
 from rankone.workspace import Workspace
 
 
@@ -121,7 +121,7 @@ def size(nbytes: float) -> str:
     return ""
 
 
-def plan_line(index: int, planned: PlannedStep, pipeline: Pipeline) -> str:
+def plan_line(index: int, planned: PlannedStep) -> str:
     """`3 run   build-pool  (options changed: k 8 → 4)` for `rankone run --dry-run`."""
     action = "run " if planned.run else "skip"
     return f"{index:>2} {action}  {planned.step.label:<28} {planned.reason}"

@@ -77,7 +77,7 @@ DETAILS = {
 
 
 def context(device: str) -> pipeline.Context:
-    return pipeline.Context(device=resolve_device(device), bar=step_bar, note=lambda line: error_console.print(line, highlight=False))
+    return pipeline.Context(device=resolve_device(device), bar=step_bar, note=lambda line: error_console.print(line, highlight=False, markup=False))
 
 
 def _tasks_with_extra_words(values: dict[str, Any], command: str) -> None:
@@ -196,7 +196,7 @@ def run_file(
     chosen = load(file, workspace, device)
     if dry_run:
         for index, planned in enumerate(pipeline.plan(chosen)):
-            say(render.plan_line(index, planned, chosen))
+            say(render.plan_line(index, planned))
         return
     execute(chosen)
 
