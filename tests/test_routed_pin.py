@@ -25,7 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rankone.methods.rankone.artifact import routed_from_workspace
-from rankone.methods.rankone.module import router_state, set_routing
+from rankone.methods.base import router_state
+from rankone.methods.rankone.module import set_routing
 
 PIN = Path(__file__).parent / "data" / "routed_pin.safetensors"
 

@@ -150,6 +150,25 @@ def one_task_at_a_time(tasks: list[str], method: str, build: Callable[[str], nn.
     return encoder_for_task
 
 
+def router_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Router tensors of a routed tower under their state-dict names (`transformer.resblocks.N.mlp.router.*`)."""
+    return {name: tensor for name, tensor in model.state_dict().items() if ".mlp.router." in name}
+
+
+def load_router_state(model: nn.Module, routers: dict[str, torch.Tensor], source: str) -> None:
+    """Load trained routers into a routed tower; a missing, misshapen or unexpected tensor names `source`."""
+    expected = router_state(model)
+    for name, tensor in expected.items():
+        if name not in routers:
+            raise RankoneError(f"{source}: lacks router tensor {name}")
+        if routers[name].shape != tensor.shape:
+            raise RankoneError(f"{source}: router tensor {name} has shape {tuple(routers[name].shape)}, the model needs {tuple(tensor.shape)}")
+    extra = [name for name in routers if name not in expected]
+    if extra:
+        raise RankoneError(f"{source}: unexpected tensor {extra[0]}")
+    model.load_state_dict({name: routers[name] for name in expected}, strict=False)
+
+
 def pretrained_tower(workspace: Workspace) -> dict[str, torch.Tensor]:
     """The pretrained image tower (`visual.*`) of the workspace base."""
     return visual_state(workspace.load_tensors(BASE_FILE))

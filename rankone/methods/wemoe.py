@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from rankone.errors import RankoneError
-from rankone.methods.base import Method, MethodModel, pretrained_tower, register
+from rankone.methods.base import Method, MethodModel, load_router_state, pretrained_tower, register, router_state
 from rankone.methods.rankone.pool import static_part
 from rankone.models import load_visual
 from rankone.options import DEFAULT_LAMBDA, Options, lambda_option, learning_rate_option
@@ -187,24 +187,6 @@ def wemoe_mlps(model: nn.Module) -> list[WEMoEMLP]:
 def router_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The routers' parameters, block by block: the only ones adaptation trains."""
     return [parameter for mlp in wemoe_mlps(model) for parameter in mlp.router.parameters()]
-
-
-def router_state(model: nn.Module) -> dict[str, Tensor]:
-    """Router tensors under their state-dict names (`transformer.resblocks.N.mlp.router.*`)."""
-    return {name: tensor for name, tensor in model.state_dict().items() if ".mlp.router." in name}
-
-
-def load_router_state(model: nn.Module, routers: dict[str, Tensor], source: str) -> None:
-    expected = router_state(model)
-    for name, tensor in expected.items():
-        if name not in routers:
-            raise RankoneError(f"{source}: lacks router tensor {name}")
-        if routers[name].shape != tensor.shape:
-            raise RankoneError(f"{source}: router tensor {name} has shape {tuple(routers[name].shape)}, the model needs {tuple(tensor.shape)}")
-    extra = [name for name in routers if name not in expected]
-    if extra:
-        raise RankoneError(f"{source}: unexpected tensor {extra[0]}")
-    model.load_state_dict({name: routers[name] for name in expected}, strict=False)
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from rankone.errors import RankoneError
 from rankone.heads import classify_logits, templates_for
-from rankone.methods.rankone.module import load_router_state, parameter_counts, routed_model
+from rankone.methods.base import load_router_state
+from rankone.methods.rankone.module import parameter_counts, routed_model
 from rankone.methods.rankone.pool import read_pool
 from rankone.models import DTYPES, FULL_PRECISION, dtype_support, preprocess_for, resolve_dtype
 from rankone.training import task_heads

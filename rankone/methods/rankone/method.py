@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from rankone.errors import RankoneError
-from rankone.methods.base import Method, MethodModel, pretrained_tower, register
+from rankone.methods.base import Method, MethodModel, pretrained_tower, register, router_state
 from rankone.methods.rankone.artifact import ADAPTED_ROUTERS, export, routed_from_workspace
-from rankone.methods.rankone.module import RoutingOptions, parameter_counts, routed_model, router_parameters, router_state
+from rankone.methods.rankone.module import RoutingOptions, parameter_counts, routed_model, router_parameters
 from rankone.methods.rankone.pool import (
     POOL_FILE, SVD_METHODS, build_pool, check_pool_options, pool_file_tensors, read_pool, static_part,
 )

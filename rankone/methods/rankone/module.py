@@ -355,21 +355,6 @@ def router_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [parameter for mlp in rankone_mlps(model) for parameter in mlp.router.parameters()]
 
 
-def router_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Router tensors under their state-dict names (`transformer.resblocks.N.mlp.router.*`)."""
-    return {name: tensor for name, tensor in model.state_dict().items() if ".mlp.router." in name}
-
-
-def load_router_state(model: nn.Module, routers: dict[str, torch.Tensor], source: str) -> None:
-    expected = router_state(model)
-    for name, tensor in expected.items():
-        if name not in routers:
-            raise RankoneError(f"{source}: lacks router tensor {name}")
-        if routers[name].shape != tensor.shape:
-            raise RankoneError(f"{source}: router tensor {name} has shape {tuple(routers[name].shape)}, the pool needs {tuple(tensor.shape)}")
-    model.load_state_dict({name: routers[name] for name in expected}, strict=False)
-
-
 def set_routing(model: nn.Module, select: float | None, routing: str) -> None:
     """Change top-p and routing mode of a built model (they hold no weights)."""
     check_select(select)
