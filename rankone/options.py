@@ -31,7 +31,8 @@ class Declared:
     """What an option states besides its name, type and default."""
 
     help: str
-    key: str | None = None  # YAML key and (dashed) CLI flag; default: the field name
+    key: str | None = None  # YAML key; default: the field name
+    flag: str | None = None  # CLI flag; default: the key, dashed (`batch_size` → `--batch-size`)
     low: float | None = None
     high: float | None = None
     low_open: bool = False
@@ -106,7 +107,8 @@ def declared_options(options_class: type) -> list[OptionInfo]:
             default = item.default_factory()
         else:
             default = MISSING
-        found.append(OptionInfo(item.name, key, "--" + key.replace("_", "-"), hints[item.name], default, declared))
+        flag = declared.flag or "--" + key.replace("_", "-")
+        found.append(OptionInfo(item.name, key, flag, hints[item.name], default, declared))
     return found
 
 

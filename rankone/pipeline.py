@@ -92,12 +92,12 @@ class FetchOptions(Options):
     base: str | None = option(None, "Pretrained CLIP (both towers): hf:ORG/NAME\\[@REV], a transformers or open_clip "
                               "directory, or open_clip:MODEL:TAG.", metavar="SOURCE")
     experts: dict[str, str] = option(help="A fine-tuned image tower; repeat per task. SOURCE as for --base, or a single "
-                                     ".safetensors file.", default_factory=dict, key="expert", metavar="TASK=SOURCE")
+                                     ".safetensors file.", default_factory=dict, flag="--expert", metavar="TASK=SOURCE")
     preset: str | None = option(None, "A published model set, e.g. vit-b-32-ta8 (see --list-presets); --base/--expert add "
                                 "to or override it.", metavar="NAME")
     datasets: dict[str, str] = option(help="A task's test split: hf:ORG/NAME\\[@REV] (Hub parquet) or a local .parquet "
                                       "file/folder; written to WORKSPACE/data/<task>/<class>/.", default_factory=dict,
-                                      key="dataset", metavar="TASK=SOURCE")
+                                      flag="--dataset", metavar="TASK=SOURCE")
     trust_pickle: bool = option(False, "Allow pickle weights (.bin/.pt), read with torch.load(weights_only=True).")
 
     def __post_init__(self) -> None:
@@ -375,7 +375,8 @@ def run_stage(stage: Stage, workspace: Workspace, options: Options, method_optio
 
 # ---- the pipeline file ----------------------------------------------------------------------
 
-TOP_LEVEL_KEYS = ("workspace", "device", "example", "base", "experts", "preset", "datasets", "trust_pickle", "stages")
+# A file's own keys; the fetch options (base, experts, preset, datasets, trust_pickle) sit at the top level too.
+TOP_LEVEL_KEYS = ("workspace", "device", "example", *(info.key for info in FetchOptions.options()), "stages")
 EXAMPLES = ("full", "quick")
 _VARIABLE = re.compile(r"\$\{(\w+)\}")
 
@@ -519,13 +520,12 @@ def load_pipeline(path: Path | str, *, workspace: Path | None = None, device: st
     chosen_device = device or expand(document.get("device", "auto"), ("device",))
 
     steps: list[Step] = []
-    fetch_keys = {"base", "experts", "preset", "datasets", "trust_pickle"}
-    if fetch_keys & set(document):
-        yaml_to_field = {"base": "base", "experts": "experts", "preset": "preset", "datasets": "datasets", "trust_pickle": "trust_pickle"}
-        values = {field_name: expand(document[key], (key,)) for key, field_name in yaml_to_field.items() if key in document}
+    fetch_keys = [info.key for info in FetchOptions.options()]
+    if set(fetch_keys) & set(document):
+        values = {key: expand(document[key], (key,)) for key in fetch_keys if key in document}
         first = next(key for key in document if key in fetch_keys)
-        steps.append(_step(STAGES["fetch"], values, {field_name: (key,) for key, field_name in yaml_to_field.items()}, (first,),
-                           "fetch", lines.of((first,)), fail, chosen_workspace, by_field=True))
+        steps.append(_step(STAGES["fetch"], values, {key: (key,) for key in values}, (first,), "fetch",
+                           lines.of((first,)), fail, chosen_workspace))
     stages = document.get("stages")
     if not isinstance(stages, list) or not stages:
         raise fail(("stages",), "expected a list of stages (e.g. `- task-vectors`, `- build-pool: {k: 32}`)")
@@ -552,15 +552,13 @@ def load_pipeline(path: Path | str, *, workspace: Path | None = None, device: st
 
 
 def _step(stage: Stage, values: dict[str, Any], paths: dict[str, tuple], stage_at: tuple, where: str, line: int, fail,
-          workspace: Path, by_field: bool = False) -> Step:
+          workspace: Path) -> Step:
     """Check one stage's values key by key (so an error points at its own line), then build its options."""
     infos = {info.key: info for info in stage.options.options()}
     method_infos: dict[str, OptionInfo] = {}
     for options_class in stage.method_option_classes():
         for info in options_class.options():
             method_infos.setdefault(info.key, info)
-    if by_field:
-        infos = {info.name: info for info in stage.options.options()}
     checked: dict[str, Any] = {}
     if stage.method_kind is not None:
         name = values.get("method", infos["method"].default)
@@ -591,14 +589,13 @@ def _step(stage: Stage, values: dict[str, Any], paths: dict[str, tuple], stage_a
             # A folder inside the workspace (data/ from a fetch with datasets) is written by an earlier stage.
             inside = folder.resolve().is_relative_to(workspace.resolve())
             if not inside and not folder.is_dir():
-                key = info.name if by_field else info.key
-                raise fail(paths.get(key, stage_at), f"{info.flag} {folder}: no such folder")
+                raise fail(paths.get(info.key, stage_at), f"{info.flag} {folder}: no such folder")
     return Step(stage, options, method_options, where, line)
 
 
 def _flag_of(stage: Stage, key: str) -> str:
     for info in stage.options.options():
-        if key in (info.key, info.name):
+        if info.key == key:
             return info.flag
     for options_class in stage.method_option_classes():
         for info in options_class.options():
