@@ -41,7 +41,8 @@ _DTYPE_HELP = "Precision the image encoder runs in: fp32, fp16 or bf16 (heads an
 class EvaluationOptions(Options):
     """What eval and compare share: the labeled images, the heads, the batch and the precision."""
 
-    data: Path | None = option(None, "Labeled test images DIR/<task>/<class>/<image> (default: WORKSPACE/data).")
+    data: Path | None = option(None, "Labeled test images DIR/<task>/<class>/<image> (default: WORKSPACE/data).",
+                               existing_folder=True)
     tasks: list[str] | None = option(None, "Tasks: --tasks a b, --tasks a,b (default: every workspace task).")
     heads_source: str = option("builtin", "builtin (class names from the data folders or files, rankone's templates) or "
                                "fusionbench (FusionBench's lists; needed for its checkpoints).", choices=HEAD_SOURCES)

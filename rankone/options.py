@@ -43,6 +43,8 @@ class Declared:
     metavar: str | None = None
     # A note appended to range errors ("(or off)").
     note: str = ""
+    # A folder the user must already have (a pipeline file is checked for it before anything runs).
+    existing_folder: bool = False
 
 
 def option(default: Any = MISSING, help: str = "", *, default_factory: Callable[[], Any] | None = None, **declared: Any) -> Any:

@@ -547,7 +547,7 @@ def load_pipeline(path: Path | str, *, workspace: Path | None = None, device: st
                            f"stages[{index}].{name}", lines.of(at), fail, chosen_workspace))
     pipeline = Pipeline(path=path, workspace=chosen_workspace, device=chosen_device, steps=steps, example=example,
                         variables=variables)
-    _check_order(pipeline, lines, fail)
+    _check_order(pipeline)
     return pipeline
 
 
@@ -584,7 +584,7 @@ def _step(stage: Stage, values: dict[str, Any], paths: dict[str, tuple], stage_a
         culprit = next((paths[key] for key in values if message.startswith(_flag_of(stage, key))), None)
         raise fail(culprit or paths.get("method") or stage_at, message) from None
     for info in stage.options.options():
-        if info.name in ("data", "classnames_from") and getattr(options, info.name) is not None:
+        if info.declared.existing_folder and getattr(options, info.name) is not None:
             folder = Path(getattr(options, info.name))
             # A folder inside the workspace (data/ from a fetch with datasets) is written by an earlier stage.
             inside = folder.resolve().is_relative_to(workspace.resolve())
@@ -614,7 +614,7 @@ def _planned_tasks(pipeline: Pipeline) -> list[str]:
     return workspace.tasks if workspace.exists() else []
 
 
-def _check_order(pipeline: Pipeline, lines: _Lines, fail) -> None:
+def _check_order(pipeline: Pipeline) -> None:
     """Every stage's inputs are written by an earlier stage or already in the workspace."""
     workspace = Workspace(pipeline.workspace)
     present = set(workspace.manifest().get("files", {})) if workspace.exists() else set()

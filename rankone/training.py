@@ -170,7 +170,7 @@ class AdaptOptions(Options):
     """The adapt stage's options, shared by every adaptive method (each adds its own, such as the lr)."""
 
     title = "adaptation"
-    data: Path = option(help="Unlabeled images, DATA/<task>/**/<image>.")
+    data: Path = option(help="Unlabeled images, DATA/<task>/**/<image>.", existing_folder=True)
     steps: int = option(1000, "Adam steps (each sees one batch of every task).", low=0)
     batch_size: int = option(16, "Images per task per step.", low=1)
     seed: int = seed_option("Seed for the initialisation (routers, coefficients) and the data order.")
@@ -179,7 +179,7 @@ class AdaptOptions(Options):
     resume: bool = option(False, "Continue from the last checkpoint.")
     heads_source: str = option("builtin", "builtin (class names from the data folders or files, rankone's templates) or "
                                "fusionbench (FusionBench's lists; needed for its checkpoints).", choices=HEAD_SOURCES)
-    classnames_from: Path | None = option(None, "Labeled folder DIR/<task>/<class>/ to take class names from.")
+    classnames_from: Path | None = option(None, "Labeled folder DIR/<task>/<class>/ to take class names from.", existing_folder=True)
     classnames: dict[str, str] = option(help="TASK=FILE, one class name per line; repeatable.", default_factory=dict, metavar="TASK=FILE")
     templates: dict[str, str] = option(help="TASK=FILE, one template with {} per line; repeatable.", default_factory=dict, metavar="TASK=FILE")
     workers: int = option(0, "Image-loading worker processes.", low=0)
