@@ -20,13 +20,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch.utils.data import DataLoader, Dataset
 
 from rankone.errors import RankoneError
 from rankone.data import ImageDataset, labeled_images
 from rankone.heads import classify_logits, logit_scale, template_strings, templates_for, zero_shot_head
-from rankone.models import VISUAL_PREFIX, load_clip, preprocess_for, tokenizer_for
+from rankone.models import VISUAL_PREFIX, load_clip, open_clip, preprocess_for, tokenizer_for
 from rankone.options import Options, option, seed_option
 from rankone.sources import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, check_base, load_source
 from rankone.workspace import Workspace, save_tensors_atomic, write_json_atomic
@@ -120,7 +119,7 @@ def write_open_clip_dir(
         image_size = architecture["vision_cfg"].get("image_size", 224)
         config = {
             "model_cfg": model_cfg,
-            "preprocess_cfg": {"image_size": image_size, "mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD),
+            "preprocess_cfg": {"image_size": image_size, "mean": list(open_clip.constants.OPENAI_DATASET_MEAN), "std": list(open_clip.constants.OPENAI_DATASET_STD),
                                "interpolation": "bicubic", "resize_mode": "shortest"},
         }
         if "name" in architecture:

@@ -32,10 +32,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
 from rankone.errors import RankoneError
-from rankone.models import load_clip, tokenizer_for
+from rankone.models import load_clip, open_clip, tokenizer_for
 from rankone.workspace import Staging, Workspace
 
 HEADS_DIR = "heads"
@@ -149,7 +148,7 @@ def zero_shot_head(
         raise RankoneError("class names: none given")
     templates = template_strings(templates)
     with torch.no_grad():
-        weights = build_zero_shot_classifier(clip_model, tokenizer, list(classnames), templates, device=device)
+        weights = open_clip.build_zero_shot_classifier(clip_model, tokenizer, list(classnames), templates, device=device)
     return (scale * weights.T.float()).contiguous()
 
 

@@ -9,15 +9,35 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
+import sys
 from collections.abc import Callable
 from typing import Any
 
-import open_clip
-from open_clip.model import _build_vision_tower
 import torch
 from torch import nn
 
 from rankone.errors import RankoneError
+
+
+def lazy_module(name: str):
+    """`name`, imported when one of its attributes is first used (importlib's LazyLoader).
+
+    open_clip's package import (and the transformers and torchvision it pulls in) is most of
+    the CLI's start-up; `rankone --help` and the commands that never build a model skip it.
+    """
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    loader = importlib.util.LazyLoader(spec.loader)
+    spec.loader = loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    loader.exec_module(module)
+    return module
+
+
+open_clip = lazy_module("open_clip")
 
 VISUAL_PREFIX = "visual."
 
@@ -142,7 +162,7 @@ def load_clip(architecture: dict[str, Any], state_dict: dict[str, torch.Tensor])
 def build_visual(architecture: dict[str, Any]) -> nn.Module:
     """open_clip's image tower alone (no text tower) for an architecture dict."""
     try:
-        return _build_vision_tower(architecture["embed_dim"], copy.deepcopy(architecture["vision_cfg"]), architecture.get("quick_gelu", False)).eval()
+        return open_clip.model._build_vision_tower(architecture["embed_dim"], copy.deepcopy(architecture["vision_cfg"]), architecture.get("quick_gelu", False)).eval()
     except (TypeError, KeyError) as error:
         raise RankoneError(f"architecture not understood by open_clip: {error}") from None
 

@@ -33,18 +33,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import open_clip
 import pyarrow.parquet as pq
 import torch
 from huggingface_hub import snapshot_download
-from open_clip.model import CLIPVisionCfg
 from PIL import Image, UnidentifiedImageError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from rankone.convert import architecture_from_config, convert_state_dict, is_transformers_layout
 from rankone.errors import RankoneError
-from rankone.models import build_clip, named_architecture, visual_state
+from rankone.models import build_clip, named_architecture, open_clip, visual_state
 from rankone.workspace import Staging, Workspace, load_tensors
 
 HF_SCHEME = "hf:"
@@ -361,7 +359,7 @@ def check_base(loaded: LoadedSource) -> dict[str, torch.Tensor]:
 def _vision_signature(architecture: dict[str, Any]) -> dict[str, Any]:
     """The image-tower settings with open_clip's defaults filled in, for comparison."""
     try:
-        vision = dataclasses.asdict(CLIPVisionCfg(**architecture["vision_cfg"]))
+        vision = dataclasses.asdict(open_clip.model.CLIPVisionCfg(**architecture["vision_cfg"]))
     except TypeError as error:
         raise RankoneError(f"architecture vision_cfg not understood by open_clip: {error}") from None
     vision["quick_gelu"] = bool(architecture.get("quick_gelu", False))
