@@ -54,7 +54,7 @@ from rankone.heads import read_lines
 from rankone.methods.merging import merge_step_count
 from rankone.methods.rankone import PoolOptions, build_pool_stage
 from rankone.methods.rankone.pool import POOL_FILE
-from rankone.models import DTYPES, FULL_PRECISION
+from rankone.models import DTYPES, FULL_PRECISION, resolve_device
 from rankone.options import Options, OptionInfo, check_value, option, parse_pairs
 from rankone.sources import fetch, preset as preset_sources
 from rankone.task_vectors import ANALYSIS_FILE, compute_task_vectors, task_vector_path
@@ -518,6 +518,10 @@ def load_pipeline(path: Path | str, *, workspace: Path | None = None, device: st
     # ${WORKSPACE}: folders a stage writes into the workspace (data/ from a fetch with datasets).
     known_variables["WORKSPACE"] = str(chosen_workspace)
     chosen_device = device or expand(document.get("device", "auto"), ("device",))
+    try:
+        resolve_device(chosen_device)
+    except RankoneError as error:
+        raise fail(("device",), str(error)) from None
 
     steps: list[Step] = []
     fetch_keys = [info.key for info in FetchOptions.options()]

@@ -179,7 +179,7 @@ stage_command(app, pipeline.STAGES["export"], DETAILS["export"], _export)
 @app.command("run")
 def run_file(
     file: Annotated[Path, typer.Argument(help="A pipeline YAML file (see examples/).", metavar="PIPELINE.yaml")],
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (each stage, run or skipped and why) and touch nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (each stage, run or skipped and why); the workspace is not touched (a file with `example:` builds the example's cached zoo first if it is missing).")] = False,
     workspace: Annotated[Optional[Path], typer.Option("-w", "--workspace", help="Workspace (default: the file's `workspace:`, else rankone-work).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="Device (default: the file's `device:`, else auto).")] = None,
 ) -> None:
