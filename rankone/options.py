@@ -19,7 +19,7 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from rankone.errors import RankoneError
 
@@ -196,9 +196,6 @@ def parse_pairs(values: list[str], option: str) -> dict[str, str]:
 @dataclass(frozen=True)
 class Options:
     """Base of every options dataclass: construction checks (and coerces) every declared option."""
-
-    # Shown by `--help` above the flags of an options class, when several classes share a command.
-    title: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         for info in declared_options(type(self)):

@@ -169,7 +169,6 @@ def _progress(enabled: bool):
 class AdaptOptions(Options):
     """The adapt stage's options, shared by every adaptive method (each adds its own, such as the lr)."""
 
-    title = "adaptation"
     data: Path = option(help="Unlabeled images, DATA/<task>/**/<image>.", existing_folder=True)
     steps: int = option(1000, "Adam steps (each sees one batch of every task).", low=0)
     batch_size: int = option(16, "Images per task per step.", low=1)

@@ -43,8 +43,9 @@ INITIAL_COEFFICIENT = DEFAULT_LAMBDA
 
 @dataclass(frozen=True)
 class AdaMergingOptions(Options):
-    title = "adamerging"
     lr: float = learning_rate_option(1e-3)  # AdaMerging's own rate
+
+
 _PARAMETER_SUFFIX = re.compile(r"[._](weight|bias)$")
 
 

@@ -39,9 +39,10 @@ ROUTER_INIT_STD = 0.01
 
 @dataclass(frozen=True)
 class WEMoEOptions(Options):
-    title = "wemoe"
     lr: float = learning_rate_option()
     lam: float = lambda_option("λ of the static part outside the MLPs, and the routers' initial bias.")
+
+
 MLP_KEY = re.compile(r"^visual\.transformer\.resblocks\.(\d+)\.mlp\.(c_fc|c_proj)\.(weight|bias)$")
 
 

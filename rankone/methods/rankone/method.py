@@ -32,7 +32,6 @@ from rankone.workspace import Workspace
 class PoolOptions(Options):
     """`rankone build-pool`: how many experts each task keeps and the static part's λ."""
 
-    title = "pool"
     k: int = option(32, "Rank-one experts kept per task and MLP matrix.", low=1)
     lam: float = lambda_option("λ of the static part θ0 + λΣτ (and the routers' initial bias).")
     svd: str = option(SVD_METHODS[0], "exact (torch.linalg.svd) or randomized (block Krylov, 3 iterations; within 0.1% of the "
@@ -43,7 +42,6 @@ class PoolOptions(Options):
 class RankOneOptions(RoutingOptions):
     """`rankone adapt --method rankone`: the routing the routers are trained with, and Adam's rate."""
 
-    title = "rankone"
     lr: float = learning_rate_option()
 
 
