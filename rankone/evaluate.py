@@ -43,7 +43,7 @@ class EvaluationOptions(Options):
 
     data: Path | None = option(None, "Labeled test images DIR/<task>/<class>/<image> (default: WORKSPACE/data).",
                                existing_folder=True)
-    tasks: list[str] | None = option(None, "Tasks: --tasks a b, --tasks a,b (default: every workspace task).")
+    tasks: list[str] | None = option(None, "Tasks: --tasks a b, --tasks a,b (default: every workspace task).", comma_separated=True)
     heads_source: str = option("builtin", "builtin (class names from the data folders or files, rankone's templates) or "
                                "fusionbench (FusionBench's lists; needed for its checkpoints).", choices=HEAD_SOURCES)
     classnames: list[str] | None = option(None, "Class names, one per line: FILE (one task) or TASK=FILE; repeatable.")

@@ -45,6 +45,8 @@ class Declared:
     note: str = ""
     # A folder the user must already have (a pipeline file is checked for it before anything runs).
     existing_folder: bool = False
+    # A list of names that may also be given comma-separated (`--tasks a,b`).
+    comma_separated: bool = False
 
 
 def option(default: Any = MISSING, help: str = "", *, default_factory: Callable[[], Any] | None = None, **declared: Any) -> Any:
@@ -168,8 +170,9 @@ def _coerce(info: OptionInfo, base: Any, value: Any) -> Any:
         if isinstance(value, str):
             value = [value]
         if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
-            # `--tasks a,b` and `--tasks a --tasks b` mean the same.
-            return [name for item in value for name in item.split(",") if name]
+            if info.declared.comma_separated:
+                return [name for item in value for name in item.split(",") if name]
+            return list(value)
         raise RankoneError(f"{info.flag} {value!r}: expected a list of names")
     if origin is dict:
         if isinstance(value, (list, tuple)):

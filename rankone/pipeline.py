@@ -145,7 +145,7 @@ class EvalOptions(EvaluationOptions):
 @dataclass(frozen=True, kw_only=True)
 class CompareOptions(EvaluationOptions):
     methods: list[str] | None = option(None, "Only these methods (rows), comma-separated or repeated (default: every one "
-                                       "that can run).")
+                                       "that can run).", comma_separated=True)
 
 
 @dataclass(frozen=True, kw_only=True)

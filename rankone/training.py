@@ -173,7 +173,7 @@ class AdaptOptions(Options):
     steps: int = option(1000, "Adam steps (each sees one batch of every task).", low=0)
     batch_size: int = option(16, "Images per task per step.", low=1)
     seed: int = seed_option("Seed for the initialisation (routers, coefficients) and the data order.")
-    tasks: list[str] | None = option(None, "Tasks to adapt on (repeat or comma-separate); default all.")
+    tasks: list[str] | None = option(None, "Tasks to adapt on (repeat or comma-separate); default all.", comma_separated=True)
     save_every: int = option(0, "Checkpoint every N steps (0: never).", low=0)
     resume: bool = option(False, "Continue from the last checkpoint.")
     heads_source: str = option("builtin", "builtin (class names from the data folders or files, rankone's templates) or "
