@@ -242,7 +242,8 @@ ADAPTATION_LR = 1e-4
 
 def lambda_option(help: str = "Scale λ of the merged task vector: θ0 + λ·merged.") -> Any:
     """λ, 0.3 by default, for every method that scales a merged task vector."""
-    return option(DEFAULT_LAMBDA, help, key="lambda", low=0.0)
+    # Any finite λ: a negative one subtracts task vectors (forgetting a task), as before.
+    return option(DEFAULT_LAMBDA, help, key="lambda")
 
 
 def learning_rate_option(default: float = ADAPTATION_LR) -> Any:
