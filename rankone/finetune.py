@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from rankone.heads import classify_logits, logit_scale, template_strings, templa
 from rankone.models import VISUAL_PREFIX, load_clip, open_clip, preprocess_for, tokenizer_for
 from rankone.options import Options, option, seed_option
 from rankone.sources import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, check_base, load_source
-from rankone.workspace import Workspace, save_tensors_atomic, write_json_atomic
+from rankone.workspace import Workspace, save_tensors_atomic, staging_folder, write_json_atomic
 
 
 def _batches(dataset: Dataset, batch_size: int, generator: torch.Generator, num_workers: int):
@@ -113,7 +112,7 @@ def write_open_clip_dir(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RankoneError(f"--out {out}: exists and is not an empty directory")
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
+    staging = staging_folder(out.parent, out.name)
     try:
         model_cfg = {key: value for key, value in architecture.items() if key != "name"}
         image_size = architecture["vision_cfg"].get("image_size", 224)

@@ -47,6 +47,20 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def follow_umask(path: Path | str, directory: bool = False) -> None:
+    """Give a file or folder made by mkstemp/mkdtemp (0600/0700) the mode any file the user writes gets."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
+
+
+def staging_folder(parent: Path, name: str) -> Path:
+    """A fresh hidden folder beside `name` in `parent`, to build something in and rename into place."""
+    folder = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.staging-"))
+    follow_umask(folder, directory=True)
+    return folder
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON through a temporary file in the same folder, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,6 +69,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle, indent=2, sort_keys=False)
             handle.write("\n")
+        follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -70,6 +85,7 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     try:
         contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
         save_file(contiguous, tmp, metadata=metadata)
+        follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -49,3 +49,23 @@ def test_changed_file_is_refused_with_the_command_to_rerun(tiny_workspace):
 def test_missing_input_names_the_command_to_run_first(tiny_workspace):
     with pytest.raises(RankoneError, match=r"pool.safetensors: missing; run `rankone build-pool` first"):
         tiny_workspace.require("pool.safetensors")
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    """mkstemp and mkdtemp make 0600 files and 0700 folders; what a stage or export writes must read like any file the user writes."""
+    import os
+    import stat
+
+    from rankone.workspace import staging_folder
+
+    previous = os.umask(0o022)
+    try:
+        workspace = Workspace(tmp_path / "w")
+        with workspace.transaction({"tasks": [], "architecture": {}}, create=True) as staging:
+            staging.save_tensors("experts/a.safetensors", {"x": torch.arange(3.0)})
+            staging.write_json("eval/a.json", {"average": 1.0})
+        modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "w").rglob("*") if path.is_file()}
+        assert modes == {"a.safetensors": 0o644, "a.json": 0o644, "manifest.json": 0o644}
+        assert stat.S_IMODE(staging_folder(tmp_path, "export").stat().st_mode) == 0o755
+    finally:
+        os.umask(previous)

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from rankone.errors import RankoneError
 from rankone.examples import suite, tinyclip
 from rankone.finetune import finetune_expert, write_open_clip_dir
 from rankone.heads import HEAD_FORMAT, templates_for
+from rankone.workspace import staging_folder
 
 RECIPE_FILE = "recipe.json"
 REPORT_FILE = "zoo.json"
@@ -130,7 +130,7 @@ def build_zoo(
     if (root / REPORT_FILE).is_file():
         return _load(root)
     root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.staging-"))
+    staging = staging_folder(root.parent, root.name)
     notify = on_stage or (lambda description, total: (lambda step, loss: None))
     try:
         started = time.perf_counter()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -28,7 +27,7 @@ from rankone.methods.rankone.module import parameter_counts, routed_model
 from rankone.methods.rankone.pool import read_pool
 from rankone.models import DTYPES, FULL_PRECISION, dtype_support, preprocess_for, resolve_dtype
 from rankone.training import task_heads
-from rankone.workspace import Workspace, load_tensors, read_tensors_metadata, save_tensors_atomic, sha256_file
+from rankone.workspace import Workspace, load_tensors, read_tensors_metadata, save_tensors_atomic, sha256_file, staging_folder
 
 CONFIG_FILE = "rankone.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -184,7 +183,7 @@ def export(workspace: Workspace, out: Path, dtype: str = FULL_PRECISION, device:
         versions=package_versions(),
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
+    staging = staging_folder(out.parent, out.name)
     try:
         save_tensors_atomic(staging / WEIGHTS_FILE, tensors, {"rankone": json.dumps({key: config[key] for key in ("format", "tasks", "head_tasks", "k", "lambda", "select", "routing", "dtype")})})
         config["sha256"] = {WEIGHTS_FILE: sha256_file(staging / WEIGHTS_FILE)}
