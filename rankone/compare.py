@@ -62,7 +62,7 @@ def relative(parameters: int, tower: int) -> str:
 
 def compare(
     workspace: Workspace,
-    data: Path | str,
+    data: Path | str | None,
     tasks: Sequence[str] | None = None,
     method_names: Sequence[str] | None = None,
     *,
@@ -75,9 +75,9 @@ def compare(
     progress: bool = True,
     on_method=None,
 ) -> dict[str, Any]:
-    """Evaluate every available method (or `methods`) and write eval/<method>.json, compare.json, compare.md.
+    """Evaluate every available method (or `method_names`) and write eval/<method>.json, compare.json, compare.md.
 
-    Everything (new heads included) is committed in one transaction after the last
+    `data` holds the labeled test images (None: the workspace's data/). Everything (new heads included) is committed in one transaction after the last
     evaluation, so a failure leaves the workspace as it was. `dtype` is the precision the
     image encoders run in, as for `rankone eval --dtype`. `on_method(name)` is called
     before each method (for the CLI). Returns the content of compare.json.

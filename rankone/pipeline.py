@@ -108,6 +108,11 @@ class FetchOptions(Options):
             if not self.experts:
                 raise RankoneError("--expert: give at least one TASK=SOURCE (or --preset)")
 
+    def tasks(self) -> list[str]:
+        """The tasks this fetch gives the workspace: the preset's and the explicit experts'."""
+        preset = preset_sources(self.preset)[1] if self.preset is not None else {}
+        return list({**preset, **self.experts})
+
     def sources(self) -> tuple[str, dict[str, str]]:
         """(base, {task: source}) with the preset's filled in and the explicit ones on top."""
         base, experts = self.base, {}
@@ -207,10 +212,7 @@ def _run_fetch(workspace: Workspace, options: FetchOptions, method_options: None
 
 
 def _fetch_outputs(tasks: list[str], options: FetchOptions) -> list[str]:
-    experts = list(options.experts)
-    if options.preset is not None:
-        experts = list({**preset_sources(options.preset)[1], **options.experts})
-    return ["base.safetensors", *(f"experts/{task}.safetensors" for task in experts)]
+    return ["base.safetensors", *(f"experts/{task}.safetensors" for task in options.tasks())]
 
 
 def _run_task_vectors(workspace: Workspace, options: TaskVectorsOptions, method_options: None, context: Context) -> dict:
@@ -290,7 +292,7 @@ def _run_eval(workspace: Workspace, options: EvalOptions, method_options: None, 
 def _run_compare(workspace: Workspace, options: CompareOptions, method_options: None, context: Context) -> dict:
     tasks = options.tasks or workspace.tasks
     return compare(
-        workspace, labeled_data_root(workspace, options.data), tasks, options.methods,
+        workspace, options.data, tasks, options.methods,
         heads_source=options.heads_source,
         classnames=per_task_lists(options.classnames, "--classnames", tasks, "class names"),
         templates=per_task_lists(options.templates, "--templates", tasks, "templates"),
@@ -585,7 +587,8 @@ def _step(stage: Stage, values: dict[str, Any], paths: dict[str, tuple], stage_a
         options, method_options = stage_options(stage, checked)
     except RankoneError as error:
         message = str(error)
-        culprit = next((paths[key] for key in values if message.startswith(_flag_of(stage, key))), None)
+        flags = {key: info.flag for key, info in {**method_infos, **infos}.items()}
+        culprit = next((paths[key] for key in values if message.startswith(flags[key])), None)
         raise fail(culprit or paths.get("method") or stage_at, message) from None
     for info in stage.options.options():
         if info.declared.existing_folder and getattr(options, info.name) is not None:
@@ -597,23 +600,11 @@ def _step(stage: Stage, values: dict[str, Any], paths: dict[str, tuple], stage_a
     return Step(stage, options, method_options, where, line)
 
 
-def _flag_of(stage: Stage, key: str) -> str:
-    for info in stage.options.options():
-        if info.key == key:
-            return info.flag
-    for options_class in stage.method_option_classes():
-        for info in options_class.options():
-            if info.key == key:
-                return info.flag
-    return "--" + key.replace("_", "-")
-
-
 def _planned_tasks(pipeline: Pipeline) -> list[str]:
     """The workspace's tasks once the pipeline's fetch (if any) has run."""
     for step in pipeline.steps:
         if step.stage.name == "fetch":
-            return [relpath.removeprefix("experts/").removesuffix(".safetensors")
-                    for relpath in step.stage.outputs([], step.options) if relpath.startswith("experts/")]
+            return step.options.tasks()
     workspace = Workspace(pipeline.workspace)
     return workspace.tasks if workspace.exists() else []
 

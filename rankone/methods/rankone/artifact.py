@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -77,15 +76,6 @@ class RankOneClassifier(nn.Module):
 
 
 # ---- building the model from a workspace ------------------------------------------------
-
-@dataclass
-class WorkspaceModel:
-    visual: nn.Module
-    static_and_pool: dict[str, Tensor]
-    routers: dict[str, Tensor]
-    classnames: dict[str, list[str]]
-    config: dict[str, Any]
-
 
 def adapted_routers(workspace: Workspace) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Routers and settings from adapted/rankone.safetensors."""
