@@ -379,7 +379,6 @@ def run_stage(stage: Stage, workspace: Workspace, options: Options, method_optio
 
 # A file's own keys; the fetch options (base, experts, preset, datasets, trust_pickle) sit at the top level too.
 TOP_LEVEL_KEYS = ("workspace", "device", "example", *(info.key for info in FetchOptions.options()), "stages")
-EXAMPLES = ("full", "quick")
 _VARIABLE = re.compile(r"\$\{(\w+)\}")
 
 
@@ -414,8 +413,6 @@ class Pipeline:
     workspace: Path
     device: str
     steps: list[Step]
-    example: str | None = None
-    variables: dict[str, str] = field(default_factory=dict)
 
 
 class _Lines:
@@ -505,14 +502,13 @@ def load_pipeline(path: Path | str, *, workspace: Path | None = None, device: st
         return value
 
     example = document.get("example")
-    variables: dict[str, str] = {}
     if example is not None:
-        if example not in EXAMPLES:
-            raise fail(("example",), f"{example!r}: expected one of {', '.join(EXAMPLES)}")
         if examples is None:
             raise fail(("example",), "the built-in example is built by `rankone run`; load the file from there")
-        variables = examples(example)
-        known_variables.update(variables)
+        try:
+            known_variables.update(examples(str(example)))
+        except RankoneError as error:
+            raise fail(("example",), str(error)) from None
     for key in ("workspace", "device"):
         if key in document and not isinstance(document[key], str):
             raise fail((key,), f"{document[key]!r}: expected text")
@@ -551,8 +547,7 @@ def load_pipeline(path: Path | str, *, workspace: Path | None = None, device: st
         values = expand(values, at + (name,))
         steps.append(_step(STAGES[name], values, {key: at + (name, key) for key in values}, at + (name,),
                            f"stages[{index}].{name}", lines.of(at), fail, chosen_workspace))
-    pipeline = Pipeline(path=path, workspace=chosen_workspace, device=chosen_device, steps=steps, example=example,
-                        variables=variables)
+    pipeline = Pipeline(path=path, workspace=chosen_workspace, device=chosen_device, steps=steps)
     _check_order(pipeline)
     return pipeline
 

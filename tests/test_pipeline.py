@@ -121,6 +121,7 @@ def test_a_manual_stage_in_between_reruns_the_stage_it_overwrote(tmp_path, model
     ("base: ${NO_SUCH_VARIABLE_X}\nstages: [task-vectors]\n", 1, "base: ${NO_SUCH_VARIABLE_X}: no such variable"),
     ("base: BASE\nstages: [task-vectors]\n", 1, "--expert: give at least one TASK=SOURCE"),
     ("device: abacus\nstages: [task-vectors]\n", 1, "device: --device 'abacus': not a device"),
+    ("example: tiny\nstages: [task-vectors]\n", 1, "example: example 'tiny': expected one of full, quick"),
 ])
 def test_bad_pipeline_files_name_file_key_and_line_and_write_nothing(tmp_path, models, unlabeled_data, rankone_cli, text, line, message):
     base, experts = models
