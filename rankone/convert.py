@@ -207,3 +207,88 @@ def transformers_to_open_clip(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(architecture, open_clip state dict) of a transformers CLIP state dict and its config."""
     return architecture_from_config(config), convert_state_dict(state_dict)
+
+
+# ---- the reverse: open_clip → transformers (export) ----------------------------------------
+
+# The open_clip settings a transformers CLIPModel can express; any other setting (layer scale,
+# attentional pooling, a timm or HF text tower) changes the computation and is refused.
+_PLAIN_VISION = {"image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio"}
+_PLAIN_TEXT = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
+_PLAIN_MODEL = {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg", "name"}
+
+
+def _plain(settings: dict[str, Any], allowed: set[str], where: str) -> None:
+    extra = sorted(set(settings) - allowed)
+    if extra:
+        raise RankoneError(f"architecture {where}{extra[0]}: transformers' CLIPModel has no equivalent; export with --format open_clip")
+
+
+def config_from_architecture(architecture: dict[str, Any]) -> dict[str, Any]:
+    """The transformers `config.json` of a CLIPModel with `architecture` (the inverse of `architecture_from_config`)."""
+    _plain(architecture, _PLAIN_MODEL, "")
+    vision, text = architecture["vision_cfg"], architecture.get("text_cfg")
+    if not text:
+        raise RankoneError("architecture has no text tower; a transformers CLIPModel needs one")
+    _plain(vision, _PLAIN_VISION, "vision_cfg.")
+    _plain(text, _PLAIN_TEXT, "text_cfg.")
+    activation = "quick_gelu" if architecture.get("quick_gelu", False) else "gelu"
+    vision_width, text_width = int(vision["width"]), int(text["width"])
+    vocab_size = int(text.get("vocab_size", 49408))
+    vision_config = {
+        "hidden_size": vision_width, "intermediate_size": int(vision_width * float(vision.get("mlp_ratio", 4.0))),
+        "num_hidden_layers": int(vision["layers"]), "num_attention_heads": vision_width // int(vision.get("head_width", 64)),
+        "image_size": int(vision["image_size"]), "patch_size": int(vision["patch_size"]), "num_channels": 3,
+        "hidden_act": activation, "layer_norm_eps": OPEN_CLIP_LAYER_NORM_EPS, "projection_dim": int(architecture["embed_dim"]),
+        "model_type": "clip_vision_model",
+    }
+    text_config = {
+        "hidden_size": text_width, "intermediate_size": int(text_width * float(text.get("mlp_ratio", 4.0))),
+        "num_hidden_layers": int(text["layers"]), "num_attention_heads": int(text.get("heads", 8)),
+        "max_position_embeddings": int(text.get("context_length", 77)), "vocab_size": vocab_size,
+        "hidden_act": activation, "layer_norm_eps": OPEN_CLIP_LAYER_NORM_EPS, "projection_dim": int(architecture["embed_dim"]),
+        # open_clip pools at the largest token id, which is CLIP's end-of-text token.
+        "bos_token_id": vocab_size - 2, "eos_token_id": vocab_size - 1, "pad_token_id": 1, "model_type": "clip_text_model",
+    }
+    return {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": int(architecture["embed_dim"]),
+            "logit_scale_init_value": 2.6592, "vision_config": vision_config, "text_config": text_config}
+
+
+_OPEN_CLIP_LAYER = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$")
+_OPEN_CLIP_QKV = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$")
+_REVERSE_RENAMES = {value: key for key, value in _LAYER_RENAMES.items()}
+_TOWER_KEYS = {
+    "vision_model": ("embeddings.class_embedding", "embeddings.patch_embedding.weight", "embeddings.position_embedding.weight",
+                     "pre_layrnorm.weight", "pre_layrnorm.bias", "post_layernorm.weight", "post_layernorm.bias"),
+    "text_model": ("embeddings.token_embedding.weight", "embeddings.position_embedding.weight",
+                   "final_layer_norm.weight", "final_layer_norm.bias"),
+}
+# open_clip key → transformers key for the tensors outside the encoder layers, from the forward table.
+_REVERSE_TOWER_KEYS = {_tower_key(key, tower, "visual." if tower == "vision_model" else ""): f"{tower}.{key}"
+                       for tower, keys in _TOWER_KEYS.items() for key in keys}
+
+
+def open_clip_to_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """open_clip CLIP keys → transformers CLIPModel keys (the inverse of `convert_state_dict` on a whole CLIP)."""
+    converted: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        tower = "vision_model" if key.startswith("visual.") else "text_model"
+        packed, layer = _OPEN_CLIP_QKV.match(key), _OPEN_CLIP_LAYER.match(key)
+        if packed:
+            _, index, kind = packed.groups()
+            for name, part in zip(("q", "k", "v"), tensor.chunk(3, dim=0)):
+                converted[f"{tower}.encoder.layers.{index}.self_attn.{name}_proj.{kind}"] = part.contiguous()
+        elif layer and layer.group(3) in _REVERSE_RENAMES:
+            _, index, module, kind = layer.groups()
+            converted[f"{tower}.encoder.layers.{index}.{_REVERSE_RENAMES[module]}.{kind}"] = tensor
+        elif key == "visual.proj":
+            converted["visual_projection.weight"] = tensor.t().contiguous()
+        elif key == "text_projection":
+            converted["text_projection.weight"] = tensor.t().contiguous()
+        elif key == "logit_scale":
+            converted["logit_scale"] = tensor.reshape(())
+        elif key in _REVERSE_TOWER_KEYS:
+            converted[_REVERSE_TOWER_KEYS[key]] = tensor
+        else:
+            raise RankoneError(f"tensor {key}: not part of a plain CLIP model; export with --format open_clip")
+    return converted

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
+import importlib
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -20,21 +20,26 @@ from torch import nn
 from rankone.errors import RankoneError
 
 
-def lazy_module(name: str):
-    """`name`, imported when one of its attributes is first used (importlib's LazyLoader).
+class LazyModule:
+    """A module imported when one of its attributes is first used.
 
     open_clip's package import (and the transformers and torchvision it pulls in) is most of
     the CLI's start-up; `rankone --help` and the commands that never build a model skip it.
+    Unlike importlib's LazyLoader this stays out of `sys.modules`: code that walks every loaded
+    module (inspect.getmodule, run by torch's own imports) would otherwise trigger the import
+    halfway through another package's import and break it.
     """
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    loader = importlib.util.LazyLoader(spec.loader)
-    spec.loader = loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    loader.exec_module(module)
-    return module
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(importlib.import_module(self._name), attribute)
+
+
+def lazy_module(name: str) -> Any:
+    """`name` itself when already imported, else a `LazyModule` for it."""
+    return sys.modules[name] if name in sys.modules else LazyModule(name)
 
 
 open_clip = lazy_module("open_clip")

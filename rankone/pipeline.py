@@ -50,11 +50,12 @@ from rankone import methods
 from rankone.compare import compare
 from rankone.errors import RankoneError
 from rankone.evaluate import EvaluationOptions, check_tasks, evaluate_workspace, labeled_data_root
+from rankone.export import ExportOptions, export_method, export_outputs
 from rankone.heads import read_lines
 from rankone.methods.merging import merge_step_count
 from rankone.methods.rankone import PoolOptions, build_pool_stage
 from rankone.methods.rankone.pool import POOL_FILE
-from rankone.models import DTYPES, FULL_PRECISION, resolve_device
+from rankone.models import resolve_device
 from rankone.options import Options, OptionInfo, check_value, option, parse_pairs
 from rankone.sources import fetch, preset as preset_sources
 from rankone.task_vectors import ANALYSIS_FILE, compute_task_vectors, task_vector_path
@@ -153,15 +154,6 @@ class CompareOptions(EvaluationOptions):
                                        "that can run).", comma_separated=True)
 
 
-@dataclass(frozen=True, kw_only=True)
-class ExportOptions(Options):
-    out: Path = option(help="Folder to write rankone.json and model.safetensors to.")
-    dtype: str = option(FULL_PRECISION, "Storage precision of the pool and routers: fp32, fp16 or bf16 (tower and heads stay fp32).",
-                        choices=tuple(DTYPES))
-    method: str = option("rankone", "Method to export (methods with an export: "
-                         + ", ".join(method.name for method in methods.registered() if method.export) + ").")
-
-
 # ---- the stages ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -183,7 +175,7 @@ class Stage:
     def takes(self, method: methods.Method) -> bool:
         """Whether `--method` may name `method` here."""
         kind_fits = self.method_kind == "any" or method.kind == self.method_kind
-        return self.method_kind is not None and kind_fits and (method.export is not None or not self.needs_export)
+        return self.method_kind is not None and kind_fits and (method.exportable or not self.needs_export)
 
     def method(self, options: Options) -> methods.Method | None:
         if self.method_kind is None:
@@ -302,13 +294,11 @@ def _run_compare(workspace: Workspace, options: CompareOptions, method_options: 
 
 
 def _run_export(workspace: Workspace, options: ExportOptions, method_options: None, context: Context) -> dict:
-    method = methods.get(options.method)
-    if method.export is None:
-        exportable = [m.name for m in methods.registered() if m.export]
-        raise RankoneError(f"--method {options.method}: has no export yet (exportable: {', '.join(exportable)})")
-    config = method.export(workspace, options.out, options.dtype, context.device)
-    return {"out": str(options.out), "tasks": config["head_tasks"], "parameters": config["parameters"],
-            "dtype": options.dtype, "bytes": (Path(options.out) / "model.safetensors").stat().st_size}
+    record = export_method(workspace, options, context.device)
+    return {"out": str(options.out), "method": record["method"], "kind": record["kind"], "layout": record.get("layout", "rankone"),
+            "tasks": record.get("head_tasks", record["tasks"]), "parameters": record["parameters"], "dtype": options.dtype,
+            "files": sorted(record["files"]),
+            "bytes": sum((Path(options.out) / name).stat().st_size for name in record["files"])}
 
 
 def _method_output(tasks: list[str], options: Options) -> list[str]:
@@ -347,7 +337,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           lambda tasks, options: ["base.safetensors"]),
     Stage("export", "Write a method's model as one self-contained folder.",
           ExportOptions, _run_export,
-          lambda tasks, options: [str((Path(options.out) / name).resolve()) for name in ("rankone.json", "model.safetensors")],
+          lambda tasks, options: export_outputs(options),
           _eval_inputs, method_kind="any", needs_export=True),
 )}
 

@@ -43,13 +43,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rankone.convert import architecture_from_config, convert_state_dict, is_transformers_layout
 from rankone.errors import RankoneError
 from rankone.models import build_clip, named_architecture, open_clip, visual_state
-from rankone.workspace import Staging, Workspace, load_tensors
+from rankone.workspace import Staging, Workspace, index_name, load_sharded, load_tensors
 
 HF_SCHEME = "hf:"
 OPEN_CLIP_SCHEME = "open_clip:"
 TRANSFORMERS_CONFIG = "config.json"
 TRANSFORMERS_WEIGHTS = "model.safetensors"
-TRANSFORMERS_SHARD_INDEX = "model.safetensors.index.json"
 TRANSFORMERS_PICKLE = "pytorch_model.bin"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
@@ -148,17 +147,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _transformers_weights(folder: Path, trust_pickle: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
-    if (folder / TRANSFORMERS_WEIGHTS).is_file():
-        return load_tensors(folder / TRANSFORMERS_WEIGHTS), [TRANSFORMERS_WEIGHTS]
-    if (folder / TRANSFORMERS_SHARD_INDEX).is_file():
-        index = _read_json(folder / TRANSFORMERS_SHARD_INDEX)
-        shards = sorted(set(index.get("weight_map", {}).values()))
-        if not shards:
-            raise RankoneError(f"{folder / TRANSFORMERS_SHARD_INDEX}: lists no shards")
-        tensors: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            tensors.update(load_tensors(folder / shard))
-        return tensors, [TRANSFORMERS_SHARD_INDEX, *shards]
+    if (folder / TRANSFORMERS_WEIGHTS).is_file() or (folder / index_name(TRANSFORMERS_WEIGHTS)).is_file():
+        return load_sharded(folder, TRANSFORMERS_WEIGHTS)
     if (folder / TRANSFORMERS_PICKLE).is_file():
         return read_weights(folder / TRANSFORMERS_PICKLE, trust_pickle), [TRANSFORMERS_PICKLE]
     raise RankoneError(f"{folder}: has {TRANSFORMERS_CONFIG} but no {TRANSFORMERS_WEIGHTS}")

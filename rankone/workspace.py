@@ -61,6 +61,31 @@ def staging_folder(parent: Path, name: str) -> Path:
     return folder
 
 
+def check_sha256(folder: Path, recorded: dict[str, str], record: str) -> None:
+    """Every file `recorded` ({name: sha256}, written in `folder`'s `record`) is there, unchanged."""
+    for name, digest in recorded.items():
+        path = folder / name
+        if not path.is_file():
+            raise RankoneError(f"{path}: missing (listed in {record}); export again")
+        if sha256_file(path) != digest:
+            raise RankoneError(f"{path}: does not match the sha256 in {record} (changed or truncated); export again")
+
+
+def replace_folder(staging: Path, target: Path) -> None:
+    """Put the finished `staging` folder at `target`, replacing an earlier `target` folder.
+
+    The old folder is moved aside first and removed only once the new one is in place, so at
+    every moment `target` is either the old folder or the new one.
+    """
+    aside = None
+    if target.exists():
+        aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+        os.replace(target, aside / target.name)
+    os.replace(staging, target)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON through a temporary file in the same folder, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,6 +126,68 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise RankoneError(f"{path}: not a readable safetensors file ({error})") from None
+
+
+def index_name(file_name: str) -> str:
+    """The shard index beside sharded `file_name` (`model.safetensors` → `model.safetensors.index.json`)."""
+    return f"{file_name}.index.json"
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def save_sharded(folder: Path, file_name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                 max_shard_bytes: int | None = None) -> list[str]:
+    """`file_name` in `folder`, or, past `max_shard_bytes`, shards with an index as transformers and mergekit write them.
+
+    Shards are `STEM-00001-of-0000N.safetensors`, filled in order up to the limit (a tensor
+    larger than the limit gets a shard of its own); the index maps each tensor to its shard
+    and records the total size. Returns the files written, index first.
+    """
+    total = sum(tensor_bytes(tensor) for tensor in tensors.values())
+    if max_shard_bytes is None or total <= max_shard_bytes:
+        save_tensors_atomic(folder / file_name, tensors, metadata)
+        return [file_name]
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    filled = 0
+    for name, tensor in tensors.items():
+        if shards[-1] and filled + tensor_bytes(tensor) > max_shard_bytes:
+            shards.append({})
+            filled = 0
+        shards[-1][name] = tensor
+        filled += tensor_bytes(tensor)
+    stem = file_name.removesuffix(".safetensors")
+    names = [f"{stem}-{index + 1:05d}-of-{len(shards):05d}.safetensors" for index in range(len(shards))]
+    for name, shard in zip(names, shards):
+        save_tensors_atomic(folder / name, shard, metadata)
+    index = {"metadata": {"total_size": total},
+             "weight_map": {tensor: name for name, shard in zip(names, shards) for tensor in shard}}
+    write_json_atomic(folder / index_name(file_name), index)
+    return [index_name(file_name), *names]
+
+
+def load_sharded(folder: Path, file_name: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(tensors, files read) of `file_name` in `folder`, or of its shards when only the index is there."""
+    if (folder / file_name).is_file() or not (folder / index_name(file_name)).is_file():
+        return load_tensors(folder / file_name), [file_name]
+    index_path = folder / index_name(file_name)
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise RankoneError(f"{index_path}: not a shard index ({type(error).__name__}: {error})") from None
+    if not shards:
+        raise RankoneError(f"{index_path}: lists no shards")
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        if Path(shard).name != shard:
+            raise RankoneError(f"{index_path}: shard {shard!r} is not a file beside the index")
+        tensors.update(load_tensors(folder / shard))
+    missing = [name for name in weight_map if name not in tensors]
+    if missing:
+        raise RankoneError(f"{index_path}: tensor {missing[0]} is in no shard")
+    return tensors, [index_name(file_name), *shards]
 
 
 def read_tensors_metadata(path: Path) -> dict[str, str]:

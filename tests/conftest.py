@@ -6,6 +6,8 @@ Everything is built here and written in real on-disk formats; nothing is mocked.
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -242,6 +244,22 @@ def write_open_clip_dir(folder: Path, state: dict[str, torch.Tensor], architectu
     else:
         save_file({key: value.contiguous() for key, value in state.items()}, folder / "open_clip_model.safetensors")
     return folder
+
+
+def populate_hf_cache(cache: Path, repo_id: str, files: dict[str, Path], commit: str, repo_type: str = "model", ref: str | None = "main") -> None:
+    """Lay files out as huggingface_hub's cache does: blobs by hash, snapshot symlinks, refs."""
+    repo = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    for relpath, source in files.items():
+        data = source.read_bytes()
+        blob = hashlib.sha256(data).hexdigest()
+        (repo / "blobs" / blob).write_bytes(data)
+        link = repo / "snapshots" / commit / relpath
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(repo / "blobs" / blob, link.parent))
+    if ref:
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
 
 
 def numpy(tensor: torch.Tensor) -> np.ndarray:

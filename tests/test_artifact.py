@@ -39,7 +39,7 @@ def test_export_load_classify_equals_the_workspace_model(tmp_path, adapted_works
     out = tmp_path / "model"
     code, stdout, err = rankone_cli("export", "-w", adapted_workspace.root, "--out", out)
     assert code == 0, err
-    assert sorted(path.name for path in out.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
+    assert sorted(path.name for path in out.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE, "README.md", "open_clip_config.json"])
     config = json.loads((out / CONFIG_FILE).read_text())
     assert config["tasks"] == TASKS and config["k"] == 4 and config["select"] == 0.75 and config["lambda"] == 0.3
     assert config["routing"] == "per-sample" and config["classnames"]["beta"] == ["dark", "grey", "light"]

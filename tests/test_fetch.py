@@ -6,7 +6,6 @@ out as huggingface_hub lays it out (blobs, snapshot symlinks, refs).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -22,7 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import make_base_state, make_expert_state, write_open_clip_dir, snapshot
+from conftest import make_base_state, make_expert_state, populate_hf_cache, write_open_clip_dir, snapshot
 from rankone.errors import RankoneError
 from rankone.sources import fetch, locate_dataset, presets
 from rankone.workspace import Workspace
@@ -32,22 +31,6 @@ CLASS_NAMES = ["zero", "one/1", "two"]
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-def populate_hf_cache(cache: Path, repo_id: str, files: dict[str, Path], commit: str, repo_type: str = "model", ref: str | None = "main") -> None:
-    """Lay files out as huggingface_hub's cache does: blobs by hash, snapshot symlinks, refs."""
-    repo = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    for relpath, source in files.items():
-        data = source.read_bytes()
-        blob = hashlib.sha256(data).hexdigest()
-        (repo / "blobs" / blob).write_bytes(data)
-        link = repo / "snapshots" / commit / relpath
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(repo / "blobs" / blob, link.parent))
-    if ref:
-        (repo / "refs").mkdir(exist_ok=True)
-        (repo / "refs" / ref).write_text(commit)
-
 
 def write_parquet_split(path: Path, labels: list[int], class_names=CLASS_NAMES, seed: int = 0, jpeg_rows=()) -> list[np.ndarray]:
     """A test split as the Hub stores it: image struct {bytes, path}, int labels, ClassLabel names."""

@@ -69,7 +69,17 @@ DETAILS = {
 
     Example: rankone compare -w rankone-work --data data --tasks cars,dtd
     """,
-    "export": """The folder holds everything inference needs (no text tower: the heads are computed).
+    "export": """A static merge (task-arithmetic, ties, …, adamerging, pretrained) becomes a whole CLIP
+    (its image tower, the base's text tower) that open_clip loads unmodified:
+    open_clip.create_model_and_transforms("local-dir:OUT"); with --format transformers, a
+    CLIPModel folder for transformers. RankOne-MoE becomes rankone's artifact for
+    rankone.load and predict. Every export holds a model card (README.md) and rankone.json,
+    which lists its files; exporting again into OUT replaces them, and a folder holding
+    anything else is refused.
+
+    Example: rankone export --method task-arithmetic -w rankone-work --out ./ta-model
+
+    Example: rankone export --method ties --format transformers --shard-size 2GB --out ./ties-hf
 
     Example: rankone export -w rankone-work --out ./rankone-model --dtype fp16
     """,
@@ -158,7 +168,7 @@ def _compare(values: dict[str, Any]) -> None:
 
 def _export(values: dict[str, Any]) -> None:
     _, result = run_command("export", values)
-    say(f"wrote {result['out']} (tasks: {', '.join(result['tasks'])}; {result['parameters']['total']:,} parameters + heads; "
+    say(f"wrote {result['out']}: {result['method']} as {result['layout']}'s layout ({', '.join(result['files'])}; "
         f"{result['dtype']}, {result['bytes'] / 1e6:,.2f} MB)")
 
 

@@ -19,14 +19,16 @@ from rankone.errors import RankoneError
 from rankone.examples import demo
 from rankone.finetune import FinetuneOptions, finetune_expert, load_base
 from rankone.heads import read_lines
+from rankone.hub import push as push_folder
 from rankone.inspection import DEFAULT_TASKS, architecture_report, inventory
 from rankone.methods.rankone.artifact import TOP_CLASSES, load, predict as predict_images
 from rankone.models import named_architecture, resolve_device, resolve_dtype
+from rankone.sources import HF_SCHEME
 
 
 @app.command()
 def predict(
-    paths: Annotated[list[Path], typer.Argument(help="[DIR] IMAGE...: an exported model folder or a workspace (default: -w), then image files.", metavar="PATH")],
+    paths: Annotated[list[Path], typer.Argument(help="[MODEL] IMAGE...: an exported model folder, hf:ORG/NAME[@REV] or a workspace (default: -w), then image files.", metavar="PATH")],
     task: Annotated[str, typer.Option("--task", help="Which task's classes to predict.")],
     top: Annotated[int, typer.Option("--top", help="How many classes to print.")] = TOP_CLASSES,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -36,18 +38,21 @@ def predict(
 ) -> None:
     """Print the top classes of --task with their probabilities for each image.
 
-    The model is DIR when the first argument is a folder (an export or a workspace), otherwise the workspace's adapted model (-w).
+    The model is the first argument when it is a folder (an export or a workspace) or hf:ORG/NAME[@REV] (a pushed export, through huggingface_hub's cache); otherwise the workspace's adapted model (-w).
 
     Example: rankone predict ./rankone-model --task cars photo1.jpg photo2.jpg --json
 
     Example: rankone predict -w rankone-work --task cars --dtype bf16 photo1.jpg
+
+    Example: rankone predict hf:my-org/rankone-vit-b-32 --task cars photo1.jpg
     """
     if dtype is not None:
         resolve_dtype(dtype)
-    # An image is never a folder, so a leading folder can only be the model.
-    if not paths[0].exists():
+    # An image is never a folder (nor a Hub repo), so a leading folder can only be the model.
+    hub = str(paths[0]).startswith(HF_SCHEME)
+    if not hub and not paths[0].exists():
         raise RankoneError(f"{paths[0]}: no such model folder or image file")
-    model_dir, images = (paths[0], paths[1:]) if paths[0].is_dir() else (workspace, paths)
+    model_dir, images = (str(paths[0]) if hub else paths[0], paths[1:]) if hub or paths[0].is_dir() else (workspace, paths)
     if not images:
         raise RankoneError(f"predict: no IMAGE given after the model folder {model_dir}")
     if model_dir == workspace and not Path(workspace).is_dir():
@@ -61,6 +66,28 @@ def predict(
         console.print(f"[bold]{result['image']}[/]", soft_wrap=True, highlight=False)
         for entry in result["top"]:
             console.print(f"  {entry['probability']:7.2%}  {entry['class']}", highlight=False)
+
+
+@app.command()
+def push(
+    folder: Annotated[Path, typer.Argument(help="An exported model folder (rankone export --out).", metavar="OUT")],
+    repo: Annotated[str, typer.Option("--repo", help="Hub repo to upload to, ORG/NAME (created if missing).", metavar="ORG/NAME")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch to upload to (created if missing; default: main).", metavar="BRANCH")] = None,
+) -> None:
+    """Upload an exported folder to the Hugging Face Hub, model card included.
+
+    The token is huggingface_hub's (HF_TOKEN or `hf auth login`); it is never printed or
+    written. Load the pushed model back with rankone.load("hf:ORG/NAME") or
+    `rankone predict hf:ORG/NAME`; a static merge also loads with open_clip
+    ("hf-hub:ORG/NAME") or transformers.
+
+    Example: rankone push ./ta-model --repo my-org/clip-vit-b-32-ta8
+
+    Example: rankone push ./rankone-model --repo my-org/rankone-vit-b-32 --private --revision k32
+    """
+    url = push_folder(folder, repo, private=private, revision=revision)
+    say(f"pushed {folder} to {url}")
 
 
 @app.command("inspect")

@@ -178,13 +178,17 @@ def adamerging_from_workspace(workspace: Workspace, device: torch.device | str =
     return model.to(device)
 
 
-def load_adamerging(workspace: Workspace, method: str, device: torch.device) -> MethodModel:
-    """The eval loader: one merged tower, from the trained coefficients, for every task."""
+def adamerging_tower(workspace: Workspace) -> dict[str, Tensor]:
+    """The merged image tower (`visual.*`) of the trained coefficients."""
     model = adamerging_from_workspace(workspace, "cpu")
     with torch.no_grad():
-        merged = model.merged_state()
+        return {key: tensor.detach() for key, tensor in model.merged_state().items()}
+
+
+def load_adamerging(workspace: Workspace, method: str, device: torch.device) -> MethodModel:
+    """The eval loader: one merged tower, from the trained coefficients, for every task."""
+    merged = adamerging_tower(workspace)
     encoder = visual_encoder(workspace.architecture, merged, device)
-    del model
     parameters = sum(tensor.numel() for tensor in merged.values())
     return MethodModel(encoder_for_task=lambda task: encoder, parameters=parameters, name=method)
 
@@ -207,4 +211,5 @@ METHOD = register(Method(
     name="adamerging", kind="adaptive", summary="layer-wise task arithmetic, coefficients trained on unlabeled images",
     row=80, load=load_adamerging, options=AdaMergingOptions, inputs=("base", "task-vectors"),
     eval_inputs=("base", "task-vectors"), output=ADAPTED_COEFFICIENTS, adapt=adapt_adamerging,
+    tower=adamerging_tower,
 ))

@@ -67,7 +67,11 @@ class Method:
     merge: Callable[..., dict[str, torch.Tensor]] | None = None
     # Adaptive methods: (workspace, adapt-stage options, method options) → relpath written.
     adapt: Callable[..., str] | None = None
-    # (workspace, out folder, dtype, device) → the config written; None: no export yet.
+    # Methods that are one image tower for every task: workspace → that tower's `visual.*` tensors
+    # (what `rankone export` writes in open_clip's or transformers' layout).
+    tower: Callable[[Workspace], dict[str, torch.Tensor]] | None = None
+    # Routed methods: (workspace, folder, dtype, device, max shard bytes) → rankone.json's content,
+    # after writing the artifact's weights into the folder.
     export: Callable[..., dict] | None = None
     # An oracle told the task (perfect router): compared only when asked for by name.
     oracle: bool = False
@@ -84,6 +88,10 @@ class Method:
             raise ValueError(f"method {self.name}: a static method needs `merge` and `output`")
         if self.kind == "adaptive" and (self.adapt is None or self.output is None):
             raise ValueError(f"method {self.name}: an adaptive method needs `adapt` and `output`")
+
+    @property
+    def exportable(self) -> bool:
+        return self.tower is not None or self.export is not None
 
     def input_files(self, tasks: list[str]) -> list[str]:
         """The workspace files building or adapting the method reads."""

@@ -188,12 +188,17 @@ def merge_workspace(
     return record
 
 
-def load_merged(workspace: Workspace, method: str, device: torch.device) -> MethodModel:
-    """The eval loader of every static merge: merged/<method>.safetensors as one tower for all tasks."""
+def merged_tower(workspace: Workspace, method: str) -> dict[str, torch.Tensor]:
+    """merged/<method>.safetensors: the merged image tower (`visual.*`)."""
     relpath = merged_path(method)
     if not workspace.has(relpath):
         raise RankoneError(f"{workspace.path(relpath)}: missing; run `rankone merge --method {method}` first")
-    merged = workspace.load_tensors(relpath)
+    return workspace.load_tensors(relpath)
+
+
+def load_merged(workspace: Workspace, method: str, device: torch.device) -> MethodModel:
+    """The eval loader of every static merge: merged/<method>.safetensors as one tower for all tasks."""
+    merged = merged_tower(workspace, method)
     encoder = visual_encoder(workspace.architecture, merged, device)
     return MethodModel(encoder_for_task=lambda task: encoder, parameters=count_parameters(visual_state(merged)), name=method)
 
@@ -203,6 +208,7 @@ def static_merge(name: str, summary: str, row: int, options: type[Options], merg
     return register(Method(
         name=name, kind="static", summary=summary, row=row, load=load_merged, options=options,
         inputs=("base", "task-vectors"), eval_inputs=(), output=merged_path(name), merge=merge,
+        tower=lambda workspace: merged_tower(workspace, name),
     ))
 
 

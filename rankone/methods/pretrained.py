@@ -16,4 +16,4 @@ def load_pretrained(workspace: Workspace, method: str, device: torch.device) -> 
 
 
 METHOD = register(Method(name="pretrained", kind="reference", summary="the pretrained tower, zero-shot", row=10,
-                         load=load_pretrained, eval_inputs=("base",)))
+                         load=load_pretrained, eval_inputs=("base",), tower=pretrained_tower))

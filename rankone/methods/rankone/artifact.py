@@ -9,8 +9,6 @@ tower (θ0 + λΣτ; MLP weights pretrained, MLP biases static), the pool (`*.po
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -25,8 +23,9 @@ from rankone.methods.base import load_router_state
 from rankone.methods.rankone.module import parameter_counts, routed_model
 from rankone.methods.rankone.pool import read_pool
 from rankone.models import DTYPES, FULL_PRECISION, dtype_support, preprocess_for, resolve_dtype
+from rankone.sources import HF_SCHEME, hf_snapshot
 from rankone.training import task_heads
-from rankone.workspace import Workspace, load_tensors, read_tensors_metadata, save_tensors_atomic, sha256_file, staging_folder
+from rankone.workspace import Workspace, check_sha256, load_sharded, read_tensors_metadata, save_sharded
 
 CONFIG_FILE = "rankone.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -35,6 +34,8 @@ ARTIFACT_FORMAT = 2
 HEAD_PREFIX = "heads."
 ADAPTED_ROUTERS = "adapted/rankone.safetensors"
 TOP_CLASSES = 5  # classes `predict` lists per image by default
+# What `load("hf:...")` fetches of a pushed export: configs, weights (single or sharded) and the card.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.md"]
 
 
 class RankOneClassifier(nn.Module):
@@ -151,38 +152,28 @@ def artifact_tensors(model: "RankOneClassifier", dtype: str = FULL_PRECISION) ->
     return tensors
 
 
-def export(workspace: Workspace, out: Path, dtype: str = FULL_PRECISION, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Write `out/rankone.json` and `out/model.safetensors`; returns the JSON written.
+def export(workspace: Workspace, folder: Path, dtype: str = FULL_PRECISION, device: torch.device | str = "cpu",
+           max_shard_bytes: int | None = None) -> dict[str, Any]:
+    """Write the artifact's weights (`model.safetensors`, or shards with an index) into `folder`; returns rankone.json's content.
 
     `dtype` is the storage precision of the pool and the routers, the parts RankOne-MoE
     adds; the tower, pretrained MLP weights and heads stay fp32 (issue 6: the artifact's
-    size against the fp32 tower). `out` must not exist, be empty, or hold an earlier export
-    (which is replaced).
+    size against the fp32 tower). `rankone.export` owns the folder: staging, the model card,
+    rankone.json and the commit.
     """
     resolve_dtype(dtype)
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_FILE).is_file())):
-        raise RankoneError(f"--out {out}: exists and is not an earlier export; choose another folder")
     model = load_workspace(workspace, device)
     tensors = artifact_tensors(model, dtype)
     config = dict(model.config)
     config.update(
+        method="rankone",
         dtype=dtype,
         storage={"pool": dtype, "routers": dtype, "tower": "fp32", "heads": "fp32"},
         parameters={**parameter_counts(model.visual), "heads": sum(model.head(task).numel() for task in model.tasks)},
         versions=package_versions(),
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_folder(out.parent, out.name)
-    try:
-        save_tensors_atomic(staging / WEIGHTS_FILE, tensors, {"rankone": json.dumps({key: config[key] for key in ("format", "tasks", "head_tasks", "k", "lambda", "select", "routing", "dtype")})})
-        config["sha256"] = {WEIGHTS_FILE: sha256_file(staging / WEIGHTS_FILE)}
-        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    metadata = {"rankone": json.dumps({key: config[key] for key in ("format", "tasks", "head_tasks", "k", "lambda", "select", "routing", "dtype")})}
+    save_sharded(folder, WEIGHTS_FILE, tensors, metadata, max_shard_bytes)
     return config
 
 
@@ -206,38 +197,48 @@ def load_artifact(folder: Path, device: torch.device | str = "cpu", dtype: str |
         config = json.loads((folder / CONFIG_FILE).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise RankoneError(f"{folder / CONFIG_FILE}: not readable ({error})") from None
+    if config.get("kind") == "static":
+        raise RankoneError(f"{folder}: a static merge exported in {config.get('layout', 'open_clip')}'s layout; load it with "
+                           f"open_clip.create_model_and_transforms('local-dir:{folder}') (see its README.md)")
     if config.get("format") == 1:
         raise RankoneError(f"{folder / CONFIG_FILE}: artifact format 1 (exported before heads carried the logit scale); "
                            "run `rankone export` again")
     if config.get("format") != ARTIFACT_FORMAT:
         raise RankoneError(f"{folder / CONFIG_FILE}: unsupported artifact format {config.get('format')!r}")
-    weights = folder / WEIGHTS_FILE
-    recorded = config.get("sha256", {}).get(WEIGHTS_FILE)
-    if recorded and weights.is_file() and sha256_file(weights) != recorded:
-        raise RankoneError(f"{weights}: does not match the sha256 in {CONFIG_FILE} (changed or truncated); export again")
-    tensors = load_tensors(weights)
+    recorded = config.get("files") or config.get("sha256") or {}
+    check_sha256(folder, {name: digest for name, digest in recorded.items() if name != CONFIG_FILE}, CONFIG_FILE)
+    tensors, _ = load_sharded(folder, WEIGHTS_FILE)
     heads = {name[len(HEAD_PREFIX):]: tensor for name, tensor in tensors.items() if name.startswith(HEAD_PREFIX)}
     routers = {name.removeprefix("visual."): tensor for name, tensor in tensors.items() if ".mlp.router." in name}
     rest = {name: tensor for name, tensor in tensors.items() if not name.startswith(HEAD_PREFIX) and ".mlp.router." not in name}
     pool = {name: tensor for name, tensor in rest.items() if name.endswith((".pool_u", ".pool_v"))}
     static = {name: tensor for name, tensor in rest.items() if name not in pool}
     visual = routed_model(config["architecture"], static, pool, config["lambda"], config["select"], config["routing"], config["tasks"])
-    load_router_state(visual, routers, str(weights))
+    load_router_state(visual, routers, str(folder / WEIGHTS_FILE))
     ordered = {task: heads[task] for task in config.get("head_tasks", list(heads)) if task in heads}
     model = RankOneClassifier(visual, ordered, config.get("classnames", {}), config)
     compute_dtype = resolve_dtype(dtype) if dtype is not None else torch.float32
     return model.to(device=device, dtype=compute_dtype).eval()
 
 
+def hub_model_folder(source: str) -> Path:
+    """The local snapshot of `hf:ORG/NAME[@REVISION]`, downloaded (or, with HF_HUB_OFFLINE=1, found) in huggingface_hub's cache."""
+    folder, _ = hf_snapshot(source, HUB_PATTERNS)
+    if not (folder / CONFIG_FILE).is_file():
+        raise RankoneError(f"{source}: not a model exported by rankone (the repo has no {CONFIG_FILE})")
+    return folder
+
+
 def load(path: Path | str, device: torch.device | str = "cpu", dtype: str | torch.dtype | None = None) -> RankOneClassifier:
-    """An exported folder (with rankone.json) or a workspace (pool + adapted routers) as a classifier.
+    """An exported folder (with rankone.json), a pushed one (`hf:ORG/NAME[@REVISION]`) or a workspace
+    (pool + adapted routers) as a classifier.
 
     `dtype` (fp32, fp16, bf16 or a torch dtype) is the precision the image tower runs in;
     default: the exported one, fp32 for a workspace. Logits are fp32 whatever it is.
     """
-    path = Path(path)
     if dtype is not None:
         resolve_dtype(dtype)
+    path = hub_model_folder(str(path)) if str(path).startswith(HF_SCHEME) else Path(path)
     if (path / CONFIG_FILE).is_file():
         return load_artifact(path, device, dtype)
     workspace = Workspace(path)
