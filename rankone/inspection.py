@@ -36,7 +36,7 @@ DEFAULT_TASKS = 8
 DEFAULT_WEMOE_TASKS = (8, 20)
 # Display order of roles; a role not listed here comes last.
 ROLES = (
-    "pretrained image tower", "pretrained text tower", "experts", "task vectors", "merged towers",
+    "pretrained image tower", "pretrained text tower", "image tower", "text tower", "experts", "task vectors", "merged towers",
     "static", "pretrained MLP", "pool", "routers", "coefficients", "heads", "checkpoints", "other",
 )
 _MLP_WEIGHT = re.compile(r"(^|\.)transformer\.resblocks\.\d+\.mlp\.(c_fc|c_proj)\.weight$")
@@ -143,6 +143,22 @@ class Inventory:
         return sum(row.nbytes for row in self.roles)
 
 
+def _export_files(path: Path) -> tuple[str, list[str]]:
+    """(kind, safetensors files) of an exported folder, from the files its rankone.json lists."""
+    try:
+        record = json.loads((path / ARTIFACT_CONFIG).read_text())
+    except (OSError, ValueError) as error:
+        raise RankoneError(f"{path / ARTIFACT_CONFIG}: not readable ({error})") from None
+    if not isinstance(record, dict):
+        raise RankoneError(f"{path / ARTIFACT_CONFIG}: not a JSON object")
+    listed = record.get("files") or {ARTIFACT_WEIGHTS: None}
+    files = sorted(name for name in listed if name.endswith(".safetensors"))
+    missing = [name for name in files if not (path / name).is_file()]
+    if missing:
+        raise RankoneError(f"{path / missing[0]}: missing; the export is incomplete")
+    return ("static export" if record.get("kind") == "static" else "artifact"), files
+
+
 def _tensor_files(path: Path) -> tuple[str, list[str]]:
     """(kind, safetensors files relative to `path`)."""
     if path.is_file():
@@ -150,9 +166,7 @@ def _tensor_files(path: Path) -> tuple[str, list[str]]:
     if not path.is_dir():
         raise RankoneError(f"{path}: no such file or folder")
     if (path / ARTIFACT_CONFIG).is_file():
-        if not (path / ARTIFACT_WEIGHTS).is_file():
-            raise RankoneError(f"{path / ARTIFACT_WEIGHTS}: missing; the export is incomplete")
-        return "artifact", [ARTIFACT_WEIGHTS]
+        return _export_files(path)
     workspace = Workspace(path)
     if workspace.exists():
         files = sorted(relpath for relpath in workspace.manifest().get("files", {}) if relpath.endswith(".safetensors"))
@@ -163,6 +177,11 @@ def _tensor_files(path: Path) -> tuple[str, list[str]]:
     raise RankoneError(f"{path}: neither a workspace (no manifest.json) nor an exported model (no {ARTIFACT_CONFIG})")
 
 
+def exported_role(name: str) -> str:
+    """A static export's tensor (open_clip or transformers keys): the merged image tower or the base's text tower."""
+    return "image tower" if name.startswith(("visual.", "vision_model.", "visual_projection.")) else "text tower"
+
+
 def inventory(path: Path | str) -> Inventory:
     """Counts and bytes by role for a workspace, an exported model folder or one safetensors file."""
     path = Path(path)
@@ -171,7 +190,10 @@ def inventory(path: Path | str) -> Inventory:
     totals: dict[str, RoleTotals] = {}
     for relpath in files:
         for tensor in read_header(root / relpath):
-            role = role_of(ARTIFACT_WEIGHTS if kind == "artifact" else relpath, tensor.name)
+            if kind == "static export":
+                role = exported_role(tensor.name)
+            else:
+                role = role_of(ARTIFACT_WEIGHTS if kind == "artifact" else relpath, tensor.name)
             row = totals.setdefault(role, RoleTotals(role))
             row.files.add(relpath)
             row.tensors += 1

@@ -68,10 +68,10 @@ def test_workspace_roles_match_the_files(every_stage_workspace, rankone_cli):
 
 
 def test_exported_model_roles(every_stage_workspace, tmp_path, rankone_cli):
-    from rankone.methods.rankone.artifact import export
+    from rankone.export import ExportOptions, export_method
     from rankone.workspace import load_tensors
 
-    config = export(every_stage_workspace, tmp_path / "model", "fp16", "cpu")
+    config = export_method(every_stage_workspace, ExportOptions(out=tmp_path / "model", dtype="fp16"))
     found = {row.role: row for row in inventory(tmp_path / "model").roles}
     assert set(found) == {"static", "pretrained MLP", "pool", "routers", "heads"}
     tensors = load_tensors(tmp_path / "model" / "model.safetensors")
@@ -87,6 +87,15 @@ def test_exported_model_roles(every_stage_workspace, tmp_path, rankone_cli):
     assert sum(row.nbytes for row in found.values()) == sum(t.numel() * t.element_size() for t in tensors.values())
     code, out, err = rankone_cli("inspect", tmp_path / "model")
     assert code == 0 and "artifact" in out and "pretrained MLP" in out
+
+    # A static export: the merged image tower and the base's text tower, in either layout, with the counts rankone.json states.
+    for layout in ("open_clip", "transformers"):
+        folder = tmp_path / f"ta-{layout}"
+        record = export_method(every_stage_workspace, ExportOptions(out=folder, method="task-arithmetic", format=layout))
+        found = {row.role: row for row in inventory(folder).roles}
+        assert set(found) == {"image tower", "text tower"}
+        assert found["image tower"].parameters == record["parameters"]["image_tower"]
+        assert found["text tower"].parameters == record["parameters"]["text_tower"]
 
 
 def test_role_of_names_each_kind_of_tensor():

@@ -26,7 +26,7 @@ from rankone.options import DEFAULT_LAMBDA
     (["adapt", "--data", "DATA", "--workers", "-1"], "--workers -1: must be at least 0"),
     (["adapt", "--data", "DATA", "--method", "adamerging", "--select", "0.5"], "--select: not used by --method adamerging"),
     (["eval", "--method", "pretrained", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
-    (["export", "--out", "OUT", "--method", "ties"], "--method ties: has no export yet"),
+    (["export", "--out", "OUT", "--method", "individual"], "--method individual: yields no single model to export"),
 ])
 def test_bad_options_are_one_line_and_change_nothing(tiny_workspace, unlabeled_data, tmp_path, rankone_cli, args, message):
     args = [str(unlabeled_data) if arg == "DATA" else str(tmp_path / "out") if arg == "OUT" else arg for arg in args]
