@@ -244,17 +244,18 @@ def artifact_sizes(models: dict) -> list[dict]:
     """Bytes of `rankone export`'s model.safetensors (heads left out) per storage dtype, against the fp32 tower."""
     import tempfile
 
-    from rankone.methods.rankone.artifact import RankOneClassifier, artifact_tensors
+    from rankone.methods.artifact import Classifier
+    from rankone.methods.rankone.artifact import rankone_tensors
     from rankone.models import build_visual
     from rankone.workspace import save_tensors_atomic
 
     tower_bytes = sum(tensor.numel() * 4 for tensor in build_visual(models["architecture"]).state_dict().values())
-    classifier = RankOneClassifier(models["routed"], {}, {}, {})
+    classifier = Classifier(models["routed"], {}, {}, {})
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for dtype in ("fp32", "fp16", "bf16"):
             path = Path(folder) / f"{dtype}.safetensors"
-            save_tensors_atomic(path, artifact_tensors(classifier, dtype))
+            save_tensors_atomic(path, rankone_tensors(classifier, dtype))
             size = path.stat().st_size
             rows.append({"dtype": dtype, "bytes": size, "tower_bytes": tower_bytes, "ratio_to_tower": size / tower_bytes})
             log(f"artifact: {dtype} {size / 2**20:.1f} MiB, {size / tower_bytes:.3f}× the fp32 tower")

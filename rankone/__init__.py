@@ -4,14 +4,15 @@ __version__ = "0.1.0"
 
 
 def load(path, device="cpu", dtype=None):
-    """Load an exported artifact or a workspace as a module with `encode_image` and `classify`.
+    """An exported routed model (a folder, or `hf:ORG/NAME[@REVISION]`) or a workspace as a module with
+    `encode_image` and `classify(images, task)`.
 
-    `dtype`: "fp32", "fp16" or "bf16" for the image tower (default: as exported); logits are fp32.
+    `dtype`: "fp32", "fp16" or "bf16" for the image tower (default fp32); logits are fp32.
     """
     # Deferred on purpose: importing any rankone submodule runs this file first, so it imports nothing heavy.
-    from rankone.methods.rankone.artifact import load as load_artifact
+    from rankone.methods import load as load_model
 
-    return load_artifact(path, device, dtype)
+    return load_model(path, device, dtype)
 
 
 __all__ = ["load", "__version__"]

@@ -31,7 +31,7 @@ from rankone import methods
 from rankone.convert import config_from_architecture, open_clip_to_transformers
 from rankone.errors import RankoneError
 from rankone.methods.base import BASE_FILE
-from rankone.methods.rankone.artifact import ARTIFACT_FORMAT, CONFIG_FILE, package_versions
+from rankone.methods.artifact import ARTIFACT_FORMAT, CONFIG_FILE, package_versions
 from rankone.model_card import write_model_card
 from rankone.models import DTYPES, FULL_PRECISION, VISUAL_PREFIX, count_parameters, load_clip
 from rankone.options import Options, option

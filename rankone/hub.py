@@ -13,7 +13,7 @@ import huggingface_hub
 from huggingface_hub import HfApi
 
 from rankone.errors import RankoneError
-from rankone.methods.rankone.artifact import CONFIG_FILE
+from rankone.methods.artifact import CONFIG_FILE
 from rankone.sources import HF_SCHEME, parse_hf
 
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import rankone
-from rankone.methods.rankone.artifact import CONFIG_FILE, WEIGHTS_FILE
+from rankone.methods.artifact import CONFIG_FILE, WEIGHTS_FILE
 from rankone.heads import classify_logits
 from rankone.methods import load_method
 from rankone.task_vectors import compute_task_vectors

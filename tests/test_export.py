@@ -18,10 +18,11 @@ import torch
 from safetensors import safe_open
 
 import rankone
-from conftest import TASKS, populate_hf_cache, save_transformers_clip, save_transformers_expert, snapshot, write_image_folder
+from conftest import TASKS, populate_hf_cache, save_transformers_clip, save_transformers_expert, snapshot
 from rankone.errors import RankoneError
 from rankone.export import parse_size
 from rankone.methods import load_method
+from rankone.methods.artifact import predict
 from rankone.sources import load_directory
 from rankone.workspace import Workspace, sha256_file
 
@@ -129,6 +130,36 @@ def test_shard_size_writes_an_index_that_transformers_and_rankone_load(tmp_path,
     exported, in_place = rankone.load(routed), rankone.load(every_stage_workspace.root)
     with torch.no_grad():
         torch.testing.assert_close(exported.classify(pixels, "beta"), in_place.classify(pixels, "beta"), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_wemoe_exports_as_an_artifact_that_loads_back(tmp_path, every_stage_workspace, labeled_data, rankone_cli, dtype):
+    from rankone.heads import classify_logits
+
+    out = tmp_path / "wemoe"
+    code, stdout, err = rankone_cli("export", "--method", "wemoe", "--dtype", dtype, "-w", every_stage_workspace.root, "--out", out)
+    assert code == 0, err
+    assert sorted(path.name for path in out.iterdir()) == ["README.md", "model.safetensors", "open_clip_config.json", "rankone.json"]
+    record = json.loads((out / "rankone.json").read_text())
+    assert record["method"] == "wemoe" and record["kind"] == "routed" and record["tasks"] == list(TASKS)
+    exported = rankone.load(out)
+    method = load_method(every_stage_workspace, "wemoe", "cpu")
+    assert record["parameters"]["total"] == method.parameters
+    pixels = images(4)
+    with torch.no_grad():
+        for task in TASKS:
+            expected = classify_logits(method.encoder_for_task(task)(pixels), exported.head(task))
+            # fp16 storage rounds the task vectors and routers: the logits move by about that rounding.
+            tolerance = 1e-5 if dtype == "fp32" else 2e-2
+            torch.testing.assert_close(exported.classify(pixels, task), expected, atol=tolerance, rtol=0)
+    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+        stored = {key: handle.get_slice(key).get_dtype() for key in handle.keys()}
+    half = "F16" if dtype == "fp16" else "F32"
+    assert {value for key, value in stored.items() if "_tau_" in key or ".mlp.router." in key} == {half}
+    assert {value for key, value in stored.items() if "_tau_" not in key and ".mlp.router." not in key} == {"F32"}
+    image = next((labeled_data / "alpha").rglob("*.png"))
+    code, stdout, err = rankone_cli("predict", out, "--task", "alpha", image, "--json")
+    assert code == 0 and json.loads(stdout)[0]["top"][0]["class"] in ("red", "green"), err
 
 
 def test_export_refusals_are_one_line_and_change_nothing(tmp_path, every_stage_workspace, rankone_cli):
@@ -293,7 +324,7 @@ def test_a_pushed_model_loads_from_the_hub_cache_offline(tmp_path, every_stage_w
     image = next((labeled_data / "gamma").rglob("*.png"))
     code, stdout, err = rankone_cli("predict", "hf:my-org/rankone-tiny", "--task", "gamma", image, "--json")
     assert code == 0, err
-    expected = rankone.methods.rankone.artifact.predict(local, [image], "gamma")
+    expected = predict(local, [image], "gamma")
     assert json.loads(stdout) == expected
 
     code, _, err = rankone_cli("predict", "hf:my-org/absent", "--task", "gamma", image)

@@ -21,7 +21,8 @@ from rankone.finetune import FinetuneOptions, finetune_expert, load_base
 from rankone.heads import read_lines
 from rankone.hub import push as push_folder
 from rankone.inspection import DEFAULT_TASKS, architecture_report, inventory
-from rankone.methods.rankone.artifact import TOP_CLASSES, load, predict as predict_images
+from rankone.methods import load
+from rankone.methods.artifact import TOP_CLASSES, predict as predict_images
 from rankone.models import named_architecture, resolve_device, resolve_dtype
 from rankone.sources import HF_SCHEME
 

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from rankone.errors import RankoneError
 from rankone.methods import merging
+from rankone.methods.artifact import CONFIG_FILE, WEIGHTS_FILE, Classifier, hub_model_folder, read_artifact
 from rankone.methods.base import Method, MethodModel, registered
 from rankone.methods.merging import add_update
+from rankone.methods.rankone.artifact import load_workspace
 from rankone.models import FULL_PRECISION, PrecisionEncoder, dtype_name, preprocess_for, resolve_dtype
 from rankone.options import Options
+from rankone.sources import HF_SCHEME
 from rankone.training import AdaptOptions
 from rankone.workspace import Workspace
 
@@ -115,6 +119,29 @@ def adapt_workspace(workspace: Workspace, method: str, options: AdaptOptions, **
     return chosen.adapt(workspace, options, method_options(chosen, **values))
 
 
+def load(path: Path | str, device: torch.device | str = "cpu", dtype: str | torch.dtype | None = None) -> Classifier:
+    """An exported routed model (a folder with rankone.json, or `hf:ORG/NAME[@REVISION]` pushed with
+    `rankone push`) or a workspace (its adapted RankOne-MoE) as a classifier.
+
+    `dtype` (fp32, fp16, bf16 or a torch dtype) is the precision the image tower runs in
+    (default fp32: parts stored in half precision are widened); logits are fp32 whatever it is.
+    """
+    compute_dtype = resolve_dtype(dtype) if dtype is not None else torch.float32
+    folder = hub_model_folder(str(path)) if str(path).startswith(HF_SCHEME) else Path(path)
+    if (folder / CONFIG_FILE).is_file():
+        config, tower, heads = read_artifact(folder)
+        method = get(config.get("method", "rankone"), option=f"{folder / CONFIG_FILE}: method")
+        if method.from_export is None:
+            raise RankoneError(f"{folder / CONFIG_FILE}: method {method.name} has no exported model to load")
+        visual = method.from_export(config, tower, str(folder / WEIGHTS_FILE))
+        model = Classifier(visual, heads, config.get("classnames", {}), config)
+        return model.to(device=device, dtype=compute_dtype).eval()
+    workspace = Workspace(folder)
+    if workspace.exists():
+        return load_workspace(workspace, device).to(dtype=compute_dtype)
+    raise RankoneError(f"{path}: neither an exported model (no {CONFIG_FILE}) nor a workspace (no manifest.json)")
+
+
 def available_methods(workspace: Workspace, include_oracles: bool = False) -> list[str]:
     """Names of the methods whose inputs the workspace holds, in compare's row order.
 
@@ -126,6 +153,6 @@ def available_methods(workspace: Workspace, include_oracles: bool = False) -> li
 
 
 __all__ = [
-    "Method", "MethodModel", "adapt_workspace", "available_methods", "get", "load_method",
+    "Classifier", "Method", "MethodModel", "adapt_workspace", "available_methods", "get", "load", "load_method",
     "merge_task_vectors", "merge_workspace", "merged_state", "method_options", "names", "registered",
 ]

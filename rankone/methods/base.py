@@ -71,8 +71,10 @@ class Method:
     # (what `rankone export` writes in open_clip's or transformers' layout).
     tower: Callable[[Workspace], dict[str, torch.Tensor]] | None = None
     # Routed methods: (workspace, folder, dtype, device, max shard bytes) → rankone.json's content,
-    # after writing the artifact's weights into the folder.
+    # after writing the artifact's weights into the folder (rankone.methods.artifact) ...
     export: Callable[..., dict] | None = None
+    # ... and (rankone.json's content, the tower's tensors, source for messages) → the routed tower again.
+    from_export: Callable[[dict, dict[str, torch.Tensor], str], nn.Module] | None = None
     # An oracle told the task (perfect router): compared only when asked for by name.
     oracle: bool = False
     # Has routers whose gates `rankone eval --routing` can report.
@@ -86,6 +88,8 @@ class Method:
             raise ValueError(f"method {self.name}: unknown input {unknown[0]!r}")
         if self.kind == "static" and (self.merge is None or self.output is None):
             raise ValueError(f"method {self.name}: a static method needs `merge` and `output`")
+        if (self.export is None) != (self.from_export is None):
+            raise ValueError(f"method {self.name}: `export` and `from_export` go together")
         if self.kind == "adaptive" and (self.adapt is None or self.output is None):
             raise ValueError(f"method {self.name}: an adaptive method needs `adapt` and `output`")
 

@@ -19,15 +19,17 @@ import json
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from rankone.errors import RankoneError
+from rankone.methods.artifact import artifact_tensors, classifier_from_workspace, write_artifact
 from rankone.methods.base import Method, MethodModel, load_router_state, pretrained_tower, register, router_state
 from rankone.methods.rankone.pool import static_part
-from rankone.models import load_visual
+from rankone.models import FULL_PRECISION, VISUAL_PREFIX, build_visual, check_state_dict, load_visual, resolve_dtype
 from rankone.options import DEFAULT_LAMBDA, Options, lambda_option, learning_rate_option
 from rankone.task_vectors import load_task_vectors
 from rankone.training import AdaptOptions, adapt_with_checkpoints, adaptation_inputs, classify_with, save_adapted, task_heads
@@ -235,6 +237,40 @@ def load_wemoe(workspace: Workspace, method: str, device: torch.device) -> Metho
     return MethodModel(encoder_for_task=lambda task: model, parameters=parameter_counts(model)["total"], name=method)
 
 
+def export_wemoe(workspace: Workspace, folder: Path, dtype: str = FULL_PRECISION, device: torch.device | str = "cpu",
+                 max_shard_bytes: int | None = None) -> dict[str, Any]:
+    """rankone's artifact of the adapted WEMoE: its whole routed tower (dense task vectors included) and heads.
+
+    `dtype` is the storage precision of what WEMoE adds to the tower, the task vectors and
+    the routers; the tower and heads stay fp32.
+    """
+    resolve_dtype(dtype)
+    model = wemoe_from_workspace(workspace, device).eval()
+    _, metadata = read_routers(workspace)
+    settings = {"method": "wemoe", "lambda": float(metadata["lambda"]), "tasks": list(metadata["tasks"])}
+    classifier = classifier_from_workspace(workspace, model, metadata.get("heads", {}), settings, device)
+    config = {**classifier.config, "dtype": dtype,
+              "storage": {"task vectors": dtype, "routers": dtype, "tower": "fp32", "heads": "fp32"},
+              "parameters": {**parameter_counts(model), "heads": sum(classifier.head(task).numel() for task in classifier.tasks)}}
+    added = lambda name: ".mlp.router." in name or "_tau_" in name.rsplit(".", 1)[-1]  # noqa: E731
+    return write_artifact(folder, artifact_tensors(classifier, dtype, added=added), config, max_shard_bytes)
+
+
+def wemoe_from_export(config: dict[str, Any], tower: dict[str, Tensor], source: str) -> nn.Module:
+    """The WEMoE tower of an export: built on the meta device from the architecture, then given the exported tensors."""
+    architecture = config["architecture"]
+    with torch.device("meta"):
+        meta = {VISUAL_PREFIX + name: tensor for name, tensor in build_visual(architecture).state_dict().items()}
+        model = wemoe_model(architecture, meta, [meta] * len(config["tasks"]), float(config["lambda"]))
+    state = {name.removeprefix(VISUAL_PREFIX): tensor for name, tensor in tower.items()}
+    check_state_dict(state, model.state_dict(), prefix=VISUAL_PREFIX)
+    model.load_state_dict({name: tensor.float() for name, tensor in state.items()}, strict=True, assign=True)
+    for name, buffer in model.named_buffers():
+        if buffer.is_meta:
+            raise RankoneError(f"{source}: the WEMoE tower's buffer {name} was not restored")
+    return model.eval()
+
+
 def adapt_wemoe(workspace: Workspace, options: AdaptOptions, method_options: WEMoEOptions) -> str:
     """Train the routers on unlabeled images; write adapted/wemoe.safetensors.
 
@@ -256,4 +292,5 @@ METHOD = register(Method(
     name="wemoe", kind="adaptive", summary="dense MLP task vectors mixed per sample by trained routers",
     row=90, load=load_wemoe, options=WEMoEOptions, inputs=("base", "task-vectors"),
     eval_inputs=("base", "task-vectors"), output=ADAPTED_ROUTERS, adapt=adapt_wemoe, routed=False,
+    export=export_wemoe, from_export=wemoe_from_export,
 ))

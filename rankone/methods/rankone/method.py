@@ -1,8 +1,8 @@
 """RankOne-MoE as a registered method: the pool stage, router adaptation, the eval loader and export.
 
 The pieces live beside this file: `pool.py` (SVD into rank-one experts, the static part,
-pool.safetensors), `module.py` (the routed MLP and its routers), `artifact.py` (the
-exported folder, `rankone.load`, predict).
+pool.safetensors), `module.py` (the routed MLP and its routers), `artifact.py` (the model
+from a workspace, and in rankone's exported artifact).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from rankone.errors import RankoneError
 from rankone.methods.base import Method, MethodModel, pretrained_tower, register, router_state
-from rankone.methods.rankone.artifact import ADAPTED_ROUTERS, export, routed_from_workspace
+from rankone.methods.rankone.artifact import ADAPTED_ROUTERS, export, from_export, routed_from_workspace
 from rankone.methods.rankone.module import RoutingOptions, parameter_counts, routed_model, router_parameters
 from rankone.methods.rankone.pool import (
     POOL_FILE, SVD_METHODS, build_pool, check_pool_options, pool_file_tensors, read_pool, static_part,
@@ -111,5 +111,5 @@ def load_rankone(workspace: Workspace, method: str, device: torch.device) -> Met
 METHOD = register(Method(
     name="rankone", kind="adaptive", summary="RankOne-MoE: rank-one experts from every MLP task vector, routed per sample",
     row=100, load=load_rankone, options=RankOneOptions, inputs=("base", "pool"), eval_inputs=("base", "pool"),
-    output=ADAPTED_ROUTERS, adapt=adapt_rankone, export=export, routed=True,
+    output=ADAPTED_ROUTERS, adapt=adapt_rankone, export=export, from_export=from_export, routed=True,
 ))
