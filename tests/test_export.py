@@ -74,6 +74,33 @@ def test_static_export_loads_in_open_clip_unmodified(tmp_path, every_stage_works
     assert preprocess.transforms[1].size == (32, 32)
 
 
+def test_static_export_loads_through_open_clips_hub_loader_and_reads_like_any_file(tmp_path, every_stage_workspace, rankone_cli, monkeypatch):
+    """The folder pushed to the Hub is what `hf-hub:ORG/NAME` loads: read here from a populated cache, offline."""
+    import stat
+
+    import huggingface_hub.constants
+    import open_clip
+
+    previous = os.umask(0o022)
+    try:
+        out = tmp_path / "ta"
+        assert rankone_cli("export", "--method", "task-arithmetic", "-w", every_stage_workspace.root, "--out", out)[0] == 0
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(path.stat().st_mode) for path in out.iterdir()} == {0o644}
+
+    cache = tmp_path / "hf-cache"
+    populate_hf_cache(cache, "my-org/ta-tiny", {path.name: path for path in out.iterdir()}, "f" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    model, _, _ = open_clip.create_model_and_transforms("hf-hub:my-org/ta-tiny", cache_dir=str(cache))
+    pixels = images(5)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval().encode_image(pixels), rankone_embeddings(every_stage_workspace, "task-arithmetic", pixels), atol=1e-5, rtol=0)
+
+
 def test_transformers_export_round_trips(tmp_path, every_stage_workspace, rankone_cli):
     from transformers import CLIPModel
 
