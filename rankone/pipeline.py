@@ -295,7 +295,7 @@ def _run_compare(workspace: Workspace, options: CompareOptions, method_options: 
 
 def _run_export(workspace: Workspace, options: ExportOptions, method_options: None, context: Context) -> dict:
     record = export_method(workspace, options, context.device)
-    return {"out": str(options.out), "method": record["method"], "kind": record["kind"], "layout": record.get("layout", "rankone"),
+    return {"out": str(options.out), "method": record["method"], "kind": record["kind"], "layout": record.get("layout", "artifact"),
             "tasks": record.get("head_tasks", record["tasks"]), "parameters": record["parameters"], "dtype": options.dtype,
             "files": sorted(record["files"]),
             "bytes": sum((Path(options.out) / name).stat().st_size for name in record["files"])}

@@ -141,7 +141,7 @@ def stage_summary(step: Step, result: Any) -> list[str]:
         return [f"pool {result['counts']['pool']:,} + routers {result['counts']['routers']:,} parameters "
                 f"({result['counts']['total'] / result['tower_parameters']:.4f}× the tower)"]
     if name == "export" and "out" in result:
-        return [f"wrote {result['out']} ({result.get('layout', 'rankone')}'s layout, {result['dtype']}, {result['bytes'] / 1e6:,.2f} MB)"]
+        return [f"wrote {result['out']} ({result['method']}, {result.get('layout', 'artifact')}, {result['dtype']}, {result['bytes'] / 1e6:,.2f} MB)"]
     return []
 
 

@@ -168,7 +168,8 @@ def _compare(values: dict[str, Any]) -> None:
 
 def _export(values: dict[str, Any]) -> None:
     _, result = run_command("export", values)
-    say(f"wrote {result['out']}: {result['method']} as {result['layout']}'s layout ({', '.join(result['files'])}; "
+    layout = {"open_clip": "open_clip's layout", "transformers": "transformers' layout"}.get(result["layout"], "rankone's artifact")
+    say(f"wrote {result['out']}: {result['method']} as {layout} ({', '.join(result['files'])}; "
         f"{result['dtype']}, {result['bytes'] / 1e6:,.2f} MB)")
 
 
