@@ -9,12 +9,14 @@ stage succeeded. A failed stage therefore leaves the workspace exactly as it was
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,9 @@ from rankone.errors import RankoneError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+JOURNAL_FILE = ".commit.json"
+LOCK_FILE = ".lock"
+STAGING_PREFIX = ".staging-"
 
 # Which command writes each file, so a missing input can name the command to run first.
 PRODUCERS = {
@@ -86,36 +91,43 @@ def replace_folder(staging: Path, target: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _written(path: Path, write: Callable[[str], None]) -> None:
+    """Write `path` through a temporary file in the same folder, then rename; a full or read-only disk is one line."""
     try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False)
-            handle.write("\n")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as error:
+        raise RankoneError(f"{path}: cannot write here ({error.strerror or error})") from None
+    try:
+        write(tmp)
         follow_umask(tmp)
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as error:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).strip().splitlines()[0]
+        raise RankoneError(f"{path}: could not be written ({reason})") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file in the same folder, then rename."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=False)
+            handle.write("\n")
+
+    _written(path, write)
 
 
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Save safetensors through a temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
-        save_file(contiguous, tmp, metadata=metadata)
-        follow_umask(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
+    _written(path, lambda tmp: save_file(contiguous, tmp, metadata=metadata))
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -247,23 +259,45 @@ class Workspace:
         return self.manifest_path.is_file()
 
     def manifest(self) -> dict[str, Any]:
-        if not self.exists():
+        """The manifest, after completing a commit that a killed stage left half done."""
+        if not self.exists() and not (self.root / JOURNAL_FILE).is_file():
+            if self.root.exists() and not self.root.is_dir():
+                raise RankoneError(f"-w {self.root}: exists and is not a folder (a workspace is a folder)")
             raise RankoneError(f"{self.root}: no workspace here (no {MANIFEST}); run `rankone fetch` first")
+        if (self.root / JOURNAL_FILE).is_file():
+            with self.locked():
+                self._roll_forward()
+        return self._read_manifest()
+
+    def _read_manifest(self) -> dict[str, Any]:
         try:
             manifest = json.loads(self.manifest_path.read_text())
         except json.JSONDecodeError as error:
             raise RankoneError(f"{self.manifest_path}: corrupt manifest ({error})") from None
+        except OSError as error:
+            raise RankoneError(f"{self.manifest_path}: not readable ({error.strerror})") from None
+        if not isinstance(manifest, dict):
+            raise RankoneError(f"{self.manifest_path}: corrupt manifest (not a JSON object)")
         if manifest.get("format") != FORMAT_VERSION:
             raise RankoneError(f"{self.manifest_path}: unsupported manifest format {manifest.get('format')!r}")
+        for key, kind in (("files", dict), ("architecture", dict), ("tasks", list)):
+            if key in manifest and not isinstance(manifest[key], kind):
+                raise RankoneError(f"{self.manifest_path}: corrupt manifest ({key!r} is not a JSON {kind.__name__})")
         return manifest
+
+    def _required_key(self, key: str) -> Any:
+        manifest = self.manifest()
+        if key not in manifest:
+            raise RankoneError(f"{self.manifest_path}: corrupt manifest (no {key!r}); fetch into a new workspace")
+        return manifest[key]
 
     @property
     def architecture(self) -> dict[str, Any]:
-        return self.manifest()["architecture"]
+        return self._required_key("architecture")
 
     @property
     def tasks(self) -> list[str]:
-        return list(self.manifest()["tasks"])
+        return list(self._required_key("tasks"))
 
     def path(self, relpath: str) -> Path:
         return self.root / relpath
@@ -273,17 +307,22 @@ class Workspace:
 
     def require(self, relpath: str) -> Path:
         """The path of a recorded file, after checking it still matches the manifest."""
-        files = self.manifest().get("files", {})
         path = self.path(relpath)
-        if relpath not in files or not path.exists():
-            raise RankoneError(f"{path}: missing; run `{producer_of(relpath)}` first")
-        recorded = files[relpath]
-        if path.stat().st_size != recorded["size"] or sha256_file(path) != recorded["sha256"]:
-            raise RankoneError(
-                f"{path}: does not match the workspace manifest (changed since `{producer_of(relpath)}` wrote it); "
-                f"rerun `{producer_of(relpath)}`"
-            )
-        return path
+        for attempt in range(2):
+            files = self.manifest().get("files", {})
+            if relpath not in files or not path.exists():
+                raise RankoneError(f"{path}: missing; run `{producer_of(relpath)}` first")
+            recorded = files[relpath]
+            if path.stat().st_size == recorded.get("size") and sha256_file(path) == recorded.get("sha256"):
+                return path
+            if attempt == 0:
+                # Another stage may be committing this file right now: wait for its commit, then look again.
+                with self.locked(shared=True):
+                    pass
+        raise RankoneError(
+            f"{path}: does not match the workspace manifest (changed since `{producer_of(relpath)}` wrote it); "
+            f"rerun `{producer_of(relpath)}`"
+        )
 
     def load_tensors(self, relpath: str) -> dict[str, torch.Tensor]:
         return load_tensors(self.require(relpath))
@@ -294,37 +333,130 @@ class Workspace:
     # -- writing --------------------------------------------------------------------
     @contextlib.contextmanager
     def transaction(self, manifest_updates: dict[str, Any] | None = None, create: bool = False) -> Iterator[Staging]:
-        """Stage files, then move them in and record their hashes, all or nothing.
+        """Stage files, then commit them with their hashes, all or nothing (see `commit` for the protocol).
 
         `manifest_updates` (top-level keys) are merged into the manifest on commit; the
         dict may be filled in while the stage runs.
         """
         created_root = create and not self.root.exists()
         if create:
+            if self.root.exists() and not self.root.is_dir():
+                raise RankoneError(f"-w {self.root}: exists and is not a folder")
             self.root.mkdir(parents=True, exist_ok=True)
-            manifest: dict[str, Any] = self.manifest() if self.exists() else {"format": FORMAT_VERSION, "files": {}}
-        else:
-            manifest = self.manifest()
-        staging_root = Path(tempfile.mkdtemp(dir=self.root, prefix=".staging-"))
+        elif not self.exists():
+            self.manifest()  # the one-line "no workspace here"
+        self.recover()
+        try:
+            staging_root = Path(tempfile.mkdtemp(dir=self.root, prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
+        except OSError as error:
+            raise RankoneError(f"-w {self.root}: cannot write here ({error.strerror or error})") from None
         staging = Staging(staging_root)
         try:
             yield staging
-            files = dict(manifest.get("files", {}))
-            for relpath in staging.removed:
-                files.pop(relpath, None)
-                with contextlib.suppress(FileNotFoundError):
-                    self.path(relpath).unlink()
-            for relpath in staging.written:
-                source = staging_root / relpath
-                files[relpath] = {"sha256": sha256_file(source), "size": source.stat().st_size}
-            for relpath in staging.written:
-                target = self.path(relpath)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(staging_root / relpath, target)
-            manifest.update(manifest_updates or {})
-            manifest["files"] = dict(sorted(files.items()))
-            write_json_atomic(self.manifest_path, manifest)
+            self.commit(staging, manifest_updates or {})
         finally:
             shutil.rmtree(staging_root, ignore_errors=True)
             if created_root and not self.exists():
                 shutil.rmtree(self.root, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def locked(self, shared: bool = False) -> Iterator[None]:
+        """The workspace's commit lock (flock on `.lock`): commits are serialised, and so is recovery."""
+        with open(self.root / LOCK_FILE, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def commit(self, staging: Staging, manifest_updates: dict[str, Any]) -> None:
+        """Make a stage's files and its manifest entries visible together.
+
+        Under the commit lock: read the manifest as it is now (another stage may have
+        committed since this one started: its entries are kept, never lost), apply this
+        stage's changes to it, and write the journal, `.commit.json`, holding the new
+        manifest and the moves. Writing the journal is the commit point. Then the staged
+        files are renamed into place, the manifest is written and the journal removed. A
+        stage killed before the journal exists leaves the workspace as it was (its staging
+        folder is removed by the next stage); one killed after it is completed by the next
+        command that reads the workspace (`recover`).
+        """
+        hashes = {relpath: {"sha256": sha256_file(staging.root / relpath), "size": (staging.root / relpath).stat().st_size}
+                  for relpath in staging.written}
+        with self.locked():
+            self._roll_forward()
+            manifest = self._read_manifest() if self.exists() else {"format": FORMAT_VERSION, "files": {}}
+            files = dict(manifest.get("files", {}))
+            for relpath in staging.removed:
+                files.pop(relpath, None)
+            files.update(hashes)
+            manifest.update(manifest_updates)
+            manifest["files"] = dict(sorted(files.items()))
+            _fault_point("before-journal")
+            write_json_atomic(self.root / JOURNAL_FILE, {"staging": staging.root.name, "written": staging.written,
+                                                         "removed": staging.removed, "manifest": manifest})
+            _fault_point("after-journal")
+            self._roll_forward()
+
+    def _roll_forward(self) -> None:
+        """Finish a commit whose journal exists (the caller holds the lock); idempotent."""
+        journal_path = self.root / JOURNAL_FILE
+        if not journal_path.is_file():
+            return
+        try:
+            journal = json.loads(journal_path.read_text())
+            staging_root = self.root / journal["staging"]
+            written, removed, manifest = journal["written"], journal["removed"], journal["manifest"]
+        except (OSError, ValueError, KeyError, TypeError):
+            # A journal is written atomically, so an unreadable one was never a commit.
+            journal_path.unlink(missing_ok=True)
+            return
+        for relpath in removed:
+            if relpath not in written:
+                self.path(relpath).unlink(missing_ok=True)
+        for index, relpath in enumerate(written):
+            source, target = staging_root / relpath, self.path(relpath)
+            if source.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(source, target)
+            if index == 0:
+                _fault_point("after-first-move")
+        write_json_atomic(self.manifest_path, manifest)
+        journal_path.unlink()
+        shutil.rmtree(staging_root, ignore_errors=True)
+
+    def recover(self) -> None:
+        """Complete an interrupted commit and remove staging folders left by killed stages."""
+        if not self.root.is_dir():
+            return
+        if (self.root / JOURNAL_FILE).is_file():
+            with self.locked():
+                self._roll_forward()
+        for entry in self.root.iterdir():
+            if entry.name.startswith(STAGING_PREFIX) and entry.is_dir() and not _alive(_staging_pid(entry.name)):
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def _staging_pid(name: str) -> int | None:
+    try:
+        return int(name[len(STAGING_PREFIX):].split("-", 1)[0])
+    except ValueError:
+        return None
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fault_point(name: str) -> None:
+    """Tests kill a stage at a named point of the commit (`RANKONE_TEST_KILL_AT=after-journal`) to check recovery."""
+    if os.environ.get("RANKONE_TEST_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -65,7 +65,7 @@ def test_written_files_follow_the_umask(tmp_path):
             staging.save_tensors("experts/a.safetensors", {"x": torch.arange(3.0)})
             staging.write_json("eval/a.json", {"average": 1.0})
         modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "w").rglob("*") if path.is_file()}
-        assert modes == {"a.safetensors": 0o644, "a.json": 0o644, "manifest.json": 0o644}
+        assert modes == {"a.safetensors": 0o644, "a.json": 0o644, "manifest.json": 0o644, ".lock": 0o644}
         assert stat.S_IMODE(staging_folder(tmp_path, "export").stat().st_mode) == 0o755
     finally:
         os.umask(previous)
