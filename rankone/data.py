@@ -119,7 +119,7 @@ def load_image(path: Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise RankoneError(f"{path}: not a readable image ({error})") from None
 
 

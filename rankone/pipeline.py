@@ -225,7 +225,7 @@ def _run_merge(workspace: Workspace, options: MergeOptions, method_options: Opti
 
 
 def _run_adapt(workspace: Workspace, options: AdaptStageOptions, method_options: Options, context: Context) -> dict:
-    run_options = dataclasses.replace(options, device=context.device, progress=context.progress)
+    run_options = dataclasses.replace(options, device=context.device, progress=context.progress, note=context.note)
     written = methods.get(options.method, "adaptive").adapt(workspace, run_options, method_options)
     return {"written": written}
 

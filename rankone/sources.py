@@ -24,7 +24,9 @@ import copy
 import dataclasses
 import io
 import json
+import pickle
 import re
+import warnings
 from fnmatch import fnmatch
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,7 +43,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from rankone.convert import architecture_from_config, convert_state_dict, is_transformers_layout
-from rankone.errors import RankoneError
+from rankone.errors import RankoneError, RankoneNote
 from rankone.models import build_clip, named_architecture, open_clip, visual_state
 from rankone.workspace import Staging, Workspace, index_name, load_sharded, load_tensors
 
@@ -108,6 +110,10 @@ def _as_float32(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: value.float() if value.is_floating_point() else value for key, value in state_dict.items()}
 
 
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
+
+
 def read_weights(path: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file, or of a pickle file when `trust_pickle` allows it."""
     if path.suffix == ".safetensors":
@@ -119,8 +125,15 @@ def read_weights(path: Path, trust_pickle: bool = False) -> dict[str, torch.Tens
             raise RankoneError(f"{path}: pickle file; pass --trust-pickle to load it (prefer .safetensors)")
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises several types for a file it cannot unpickle safely
-            raise RankoneError(f"{path}: not a loadable weights-only pickle ({type(error).__name__}: {error})") from None
+        except pickle.UnpicklingError:
+            # It holds objects besides tensors; --trust-pickle is the user's word that the file is theirs to run.
+            warnings.warn(f"{path}: holds objects besides tensors; loaded as a full pickle because of --trust-pickle", RankoneNote)
+            try:
+                loaded = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as error:  # a full unpickling can fail in any way the file's code does
+                raise RankoneError(f"{path}: not a loadable pickle ({type(error).__name__}: {_first_line(error)})") from None
+        except Exception as error:  # torch raises several types for a file that is no pickle at all
+            raise RankoneError(f"{path}: not a loadable pickle ({type(error).__name__}: {_first_line(error)})") from None
         if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
             loaded = loaded["state_dict"]
         if not isinstance(loaded, dict) or not all(isinstance(value, torch.Tensor) for value in loaded.values()):

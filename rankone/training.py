@@ -100,7 +100,7 @@ def minimise_entropy(
     """Train `parameters` with Adam to minimise Σ_tasks mean entropy of classify(images, task).
 
     Returns the loss of every step (including those before `resume`). `checkpoint(step,
-    state)` is called every `save_every` steps with state = {"step", "parameters" (list of
+    state)` is called every `save_every` steps and after the last one, with state = {"step", "parameters" (list of
     tensors), "optimizer" (Adam's state_dict), "losses"}; passing such a state as `resume`
     continues the run exactly.
     """
@@ -147,7 +147,8 @@ def minimise_entropy(
             losses.append(total)
             rate = images / max(time.perf_counter() - began, 1e-9)
             bar.update(bar_task, completed=step + 1, loss=total, rate=rate)
-            if checkpoint is not None and save_every > 0 and (step + 1) % save_every == 0 and step + 1 < steps:
+            # The last step is checkpointed too, so a finished run can be extended with --resume --steps N.
+            if checkpoint is not None and save_every > 0 and ((step + 1) % save_every == 0 or step + 1 == steps):
                 checkpoint(step + 1, {
                     "step": step + 1,
                     "parameters": [parameter.detach().cpu().clone() for parameter in parameters],
@@ -185,6 +186,8 @@ class AdaptOptions(Options):
     # Run-time context, not options.
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: bool = True
+    # Where notes go (files skipped in --data); the CLI prints them on stderr.
+    note: Callable[[str], None] = field(default=lambda line: None, compare=False)
 
 
 # ---- checkpoints as safetensors + JSON (no pickle) --------------------------------------
@@ -357,7 +360,8 @@ def task_heads(workspace: Workspace, requests: HeadRequests, device: torch.devic
     return {task: head.to(device) for task, head in heads_for_tasks(workspace, requests, device).items()}
 
 
-def unlabeled_sets(data: Path, tasks: list[str], transform, known: list[str] | None = None) -> dict[str, Dataset]:
+def unlabeled_sets(data: Path, tasks: list[str], transform, known: list[str] | None = None,
+                   note: Callable[[str], None] = lambda line: None) -> dict[str, Dataset]:
     """One dataset of unlabeled images per task from DATA/<task>/.
 
     A task without a folder is an error, and so is a folder that is no task of the model
@@ -373,7 +377,13 @@ def unlabeled_sets(data: Path, tasks: list[str], transform, known: list[str] | N
     if extra:
         raise RankoneError(f"--data {data}: folder {extra[0]}/ has images but no head (the model's tasks: "
                            f"{', '.join(known or tasks)}); move it out of {data}")
-    return {task: ImageDataset(list(unlabeled_images(data, task)), None, transform) for task in tasks}
+    datasets = {}
+    for task in tasks:
+        images = unlabeled_images(data, task)
+        if images.skipped:
+            note(f"{task}: skipped {images.skipped} files that are not images")
+        datasets[task] = ImageDataset(list(images), None, transform)
+    return datasets
 
 
 def classify_with(encode: Callable[[Tensor], Tensor], heads: dict[str, Tensor]) -> Callable[[Tensor, str], Tensor]:
@@ -393,7 +403,7 @@ def adaptation_inputs(workspace: Workspace, options: AdaptOptions, known: list[s
     """Tasks, head requests and unlabeled datasets, all checked before any model is built."""
     tasks = selected_tasks(known, options.tasks)
     requests = head_requests(workspace, tasks, options.heads_source, options.classnames_from, options.classnames, options.templates)
-    unlabeled = unlabeled_sets(options.data, tasks, preprocess_for(workspace.architecture), known=known)
+    unlabeled = unlabeled_sets(options.data, tasks, preprocess_for(workspace.architecture), known=known, note=options.note)
     return AdaptationInputs(tasks, requests, unlabeled)
 
 

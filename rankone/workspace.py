@@ -211,6 +211,10 @@ def read_tensors_metadata(path: Path) -> dict[str, str]:
 
 
 def producer_of(relpath: str) -> str:
+    """The command that writes `relpath` (with its --method for a method's own file)."""
+    folder, _, name = relpath.partition("/")
+    if folder in ("merged", "adapted") and name.endswith(".safetensors") and "/" not in name:
+        return f"{PRODUCERS[folder + '/']} --method {name.removesuffix('.safetensors')}"
     for prefix, command in PRODUCERS.items():
         if relpath == prefix or (prefix.endswith("/") and relpath.startswith(prefix)):
             return command

@@ -117,8 +117,9 @@ def test_adapt_cli_lowers_entropy_and_resumes_exactly(tmp_path, tiny_workspace, 
 
     code, out, err = rankone_cli("adapt", "-w", workspace.root, "--steps", "5", *common)
     assert code == 0, err
-    # Stopped after 3 steps (its last checkpoint is step 2), then resumed to 5.
+    # A finished 3-step run (checkpoints at step 2 and at its last step, 3), extended to 5.
     assert rankone_cli("adapt", "-w", copy.root, "--steps", "3", *common)[0] == 0
+    assert copy.has("adapted/rankone-checkpoints/step-2.safetensors") and copy.has("adapted/rankone-checkpoints/step-3.safetensors")
     code, _, err = rankone_cli("adapt", "-w", copy.root, "--steps", "5", "--resume", *common)
     assert code == 0, err
     routers = workspace.load_tensors("adapted/rankone.safetensors")

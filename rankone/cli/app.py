@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
@@ -14,7 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from rankone import __version__
-from rankone.errors import RankoneError
+from rankone.errors import RankoneError, RankoneNote
 from rankone.pipeline import DEFAULT_WORKSPACE
 
 app = typer.Typer(
@@ -37,7 +38,7 @@ DeviceOption = Annotated[str, typer.Option("--device", help="auto (cuda, then mp
 @contextlib.contextmanager
 def step_bar(description: str, total: int) -> Iterator[Callable[..., None]]:
     """A rich progress bar on stderr; yields a callback advancing it by one."""
-    progress = Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=error_console)
+    progress = Progress(TextColumn(f"[bold]{escape(description)}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=error_console)
     task = progress.add_task(description, total=total)
     with progress:
         yield lambda *_: progress.advance(task)
@@ -67,7 +68,16 @@ def _root(
     """
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, default=warnings.showwarning) -> None:
+    """rankone's notes as one plain line on stderr; other libraries' warnings as Python shows them."""
+    if issubclass(category, RankoneNote):
+        error_console.print(f"note: {message}", highlight=False, markup=False, soft_wrap=True)
+    else:
+        default(message, category, filename, lineno, file, line)
+
+
 def main() -> None:
+    warnings.showwarning = _show_warning
     try:
         app(standalone_mode=False)
     except RankoneError as error:

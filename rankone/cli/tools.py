@@ -9,6 +9,7 @@ from typing import Annotated, Any, Optional
 
 import torch
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from rankone.cli import render
@@ -64,9 +65,9 @@ def predict(
         print(json.dumps(results, indent=2))
         return
     for result in results:
-        console.print(f"[bold]{result['image']}[/]", soft_wrap=True, highlight=False)
+        console.print(f"[bold]{escape(result['image'])}[/]", soft_wrap=True, highlight=False)
         for entry in result["top"]:
-            console.print(f"  {entry['probability']:7.2%}  {entry['class']}", highlight=False)
+            console.print(f"  {entry['probability']:7.2%}  {escape(entry['class'])}", highlight=False)
 
 
 @app.command()
@@ -136,7 +137,7 @@ def inspect_command(
                 for row in found.roles]
         print(json.dumps({"path": str(found.path), "kind": found.kind, "files": found.files, "roles": rows}, indent=2))
         return
-    table = Table(title=f"{found.path} ({found.kind}, {found.files} safetensors file{'s' if found.files != 1 else ''})")
+    table = Table(title=escape(f"{found.path} ({found.kind}, {found.files} safetensors file{'s' if found.files != 1 else ''})"))
     for column in ("role", "files", "tensors", "parameters", "size"):
         table.add_column(column, justify="left" if column == "role" else "right")
     for row in found.roles:

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
+from rankone.data import load_image
 from rankone.errors import RankoneError
 from rankone.heads import classify_logits, templates_for
 from rankone.models import DTYPES, FULL_PRECISION, dtype_support, preprocess_for
@@ -174,6 +174,8 @@ def predict(model: Classifier, images: list[Path], task: str, top: int = TOP_CLA
         raise RankoneError(f"--top {top}: must be at least 1")
     head = model.head(task)
     for path in images:
+        if Path(path).is_dir():
+            raise RankoneError(f"{path}: a folder, not an image file (give its images, e.g. {Path(path) / '*.png'})")
         if not Path(path).is_file():
             raise RankoneError(f"{path}: no such image file")
     names = model.classnames.get(task) or [str(index) for index in range(head.shape[0])]
@@ -181,13 +183,7 @@ def predict(model: Classifier, images: list[Path], task: str, top: int = TOP_CLA
     results = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        pixels = []
-        for path in chunk:
-            try:
-                with Image.open(path) as image:
-                    pixels.append(transform(image.convert("RGB")))
-            except (OSError, UnidentifiedImageError) as error:
-                raise RankoneError(f"{path}: not a readable image ({error})") from None
+        pixels = [transform(load_image(path)) for path in chunk]
         with torch.no_grad():
             probabilities = model.classify(torch.stack(pixels), task).softmax(dim=-1).cpu()
         values, indices = probabilities.topk(min(top, probabilities.shape[1]), dim=-1)
