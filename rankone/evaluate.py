@@ -29,6 +29,7 @@ from rankone.methods import MethodModel, load_method
 from rankone.methods.rankone.module import expert_shares, recording_gates, routed_tasks
 from rankone.models import DTYPES, FULL_PRECISION
 from rankone.options import Options, option
+from rankone.progress import shown
 from rankone.workspace import Staging, Workspace
 
 EVAL_DIR = "eval"
@@ -128,9 +129,7 @@ def evaluate(
     gates: dict[str, list[list[float]]] = {}
     expert_tasks: list[str] = []
     bar = eval_progress() if progress else None
-    try:
-        if bar is not None:
-            bar.start()
+    with shown(bar) if bar is not None else nullcontext():
         for task, images in datasets.items():
             advance = None
             if bar is not None:
@@ -146,9 +145,6 @@ def evaluate(
             results[task] = {"accuracy": 100.0 * correct / total, "n": total}
             if routing:
                 gates[task] = [expert_shares(torch.cat(block), len(expert_tasks)).tolist() for block in blocks]
-    finally:
-        if bar is not None:
-            bar.stop()
     average = sum(result["accuracy"] for result in results.values()) / len(results)
     report = {"method": method_model.name, "tasks": results, "average": average, "parameters": int(method_model.parameters),
               "dtype": method_model.dtype}

@@ -45,6 +45,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rankone.convert import architecture_from_config, convert_state_dict, is_transformers_layout
 from rankone.errors import RankoneError, RankoneNote
 from rankone.models import build_clip, named_architecture, open_clip, visual_state
+from rankone.progress import shown
 from rankone.workspace import Staging, Workspace, index_name, load_sharded, load_tensors
 
 HF_SCHEME = "hf:"
@@ -127,11 +128,11 @@ def read_weights(path: Path, trust_pickle: bool = False) -> dict[str, torch.Tens
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
             # It holds objects besides tensors; --trust-pickle is the user's word that the file is theirs to run.
-            warnings.warn(f"{path}: holds objects besides tensors; loaded as a full pickle because of --trust-pickle", RankoneNote)
             try:
                 loaded = torch.load(path, map_location="cpu", weights_only=False)
             except Exception as error:  # a full unpickling can fail in any way the file's code does
                 raise RankoneError(f"{path}: not a loadable pickle ({type(error).__name__}: {_first_line(error)})") from None
+            warnings.warn(f"{path}: holds objects besides tensors; loaded as a full pickle because of --trust-pickle", RankoneNote)
         except Exception as error:  # torch raises several types for a file that is no pickle at all
             raise RankoneError(f"{path}: not a loadable pickle ({type(error).__name__}: {_first_line(error)})") from None
         if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
@@ -541,8 +542,8 @@ def _progress(enabled: bool) -> Iterator[Any]:
     if not enabled:
         yield None
         return
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=False) as progress:
+    with shown(Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=Console(stderr=True), transient=False)) as progress:
         yield progress
 
 

@@ -34,6 +34,7 @@ from rankone.errors import RankoneError
 from rankone.heads import HEAD_SOURCES, classify_logits, fusionbench_classnames_and_templates, heads_for_tasks, read_lines
 from rankone.models import preprocess_for
 from rankone.options import Options, option, seed_option
+from rankone.progress import shown
 from rankone.workspace import Workspace, read_tensors_metadata
 
 Checkpoint = Callable[[int, dict], None]
@@ -129,7 +130,7 @@ def minimise_entropy(
     }
     bar = _progress(progress)
     began, images = time.perf_counter(), 0
-    with bar:
+    with shown(bar):
         # A resumed run says where it picked up: the bar alone would look like a fresh run that sped through.
         description = f"adapt (resumed at step {start})" if start else "adapt"
         bar_task = bar.add_task(description, total=steps, completed=start, loss=float("nan"), rate=0.0)

@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -91,14 +92,28 @@ def replace_folder(staging: Path, target: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def _written(path: Path, write: Callable[[str], None]) -> None:
-    """Write `path` through a temporary file in the same folder, then rename; a full or read-only disk is one line."""
+def _write_error_reason(error: Exception) -> str:
+    """What went wrong writing a file, in a few words (`No space left on device`), from an OSError or safetensors' error."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    found = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", text)
+    return found.group(1) if found else text
+
+
+def _written(path: Path, write: Callable[[str], None], shown_as: Path | None = None) -> None:
+    """Write `path` through a temporary file in the same folder, then rename.
+
+    A full or read-only disk is one line naming `shown_as` (default `path`): the file the
+    user will look for, not the staging copy.
+    """
+    shown = shown_as or path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
     except OSError as error:
-        raise RankoneError(f"{path}: cannot write here ({error.strerror or error})") from None
+        raise RankoneError(f"{shown}: cannot write here ({_write_error_reason(error)})") from None
     try:
         write(tmp)
         follow_umask(tmp)
@@ -106,28 +121,28 @@ def _written(path: Path, write: Callable[[str], None]) -> None:
     except (OSError, SafetensorError) as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).strip().splitlines()[0]
-        raise RankoneError(f"{path}: could not be written ({reason})") from None
+        raise RankoneError(f"{shown}: could not be written ({_write_error_reason(error)})") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any, shown_as: Path | None = None) -> None:
     """Write JSON through a temporary file in the same folder, then rename."""
     def write(tmp: str) -> None:
         with open(tmp, "w") as handle:
             json.dump(data, handle, indent=2, sort_keys=False)
             handle.write("\n")
 
-    _written(path, write)
+    _written(path, write, shown_as)
 
 
-def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                        shown_as: Path | None = None) -> None:
     """Save safetensors through a temporary file in the same folder, then rename."""
     contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
-    _written(path, lambda tmp: save_file(contiguous, tmp, metadata=metadata))
+    _written(path, lambda tmp: save_file(contiguous, tmp, metadata=metadata), shown_as)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -224,8 +239,9 @@ def producer_of(relpath: str) -> str:
 class Staging:
     """Files a stage is about to write; moved into the workspace on commit."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, target: Path | None = None) -> None:
         self.root = root
+        self.target = target or root  # the workspace the files will be in, for messages
         self.written: list[str] = []
         self.removed: list[str] = []
 
@@ -238,10 +254,10 @@ class Staging:
         return target
 
     def save_tensors(self, relpath: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-        save_tensors_atomic(self.path(relpath), tensors, metadata)
+        save_tensors_atomic(self.path(relpath), tensors, metadata, shown_as=self.target / relpath)
 
     def write_json(self, relpath: str, data: Any) -> None:
-        write_json_atomic(self.path(relpath), data)
+        write_json_atomic(self.path(relpath), data, shown_as=self.target / relpath)
 
     def remove(self, relpath: str) -> None:
         """Delete `relpath` from the workspace (and the manifest) when the stage commits."""
@@ -354,7 +370,7 @@ class Workspace:
             staging_root = Path(tempfile.mkdtemp(dir=self.root, prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
         except OSError as error:
             raise RankoneError(f"-w {self.root}: cannot write here ({error.strerror or error})") from None
-        staging = Staging(staging_root)
+        staging = Staging(staging_root, self.root)
         try:
             yield staging
             self.commit(staging, manifest_updates or {})

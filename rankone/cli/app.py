@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rankone import __version__
 from rankone.errors import RankoneError, RankoneNote
 from rankone.pipeline import DEFAULT_WORKSPACE
+from rankone.progress import shown
 
 app = typer.Typer(
     name="rankone",
@@ -40,7 +41,7 @@ def step_bar(description: str, total: int) -> Iterator[Callable[..., None]]:
     """A rich progress bar on stderr; yields a callback advancing it by one."""
     progress = Progress(TextColumn(f"[bold]{escape(description)}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=error_console)
     task = progress.add_task(description, total=total)
-    with progress:
+    with shown(progress):
         yield lambda *_: progress.advance(task)
 
 
