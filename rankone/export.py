@@ -33,7 +33,7 @@ from rankone.errors import RankoneError
 from rankone.methods.base import BASE_FILE
 from rankone.methods.artifact import ARTIFACT_FORMAT, CONFIG_FILE, package_versions
 from rankone.model_card import write_model_card
-from rankone.models import DTYPES, FULL_PRECISION, VISUAL_PREFIX, count_parameters, load_clip
+from rankone.models import DTYPES, FULL_PRECISION, VISUAL_PREFIX, count_parameters, load_clip, open_clip_config
 from rankone.options import Options, option
 from rankone.workspace import (
     Workspace, replace_folder, save_sharded, sha256_file, staging_folder, tensor_bytes, write_json_atomic,
@@ -45,9 +45,6 @@ OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 TRANSFORMERS_CONFIG = "config.json"
 TRANSFORMERS_WEIGHTS = "model.safetensors"
 CARD_FILE = "README.md"
-# CLIP's normalization, which every architecture rankone builds is trained with (models.preprocess_for).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
@@ -95,9 +92,7 @@ def earlier_export_files(out: Path) -> set[str] | None:
 def check_out_folder(out: Path) -> None:
     """`out` may be written: absent, an empty folder, or an earlier export holding nothing else."""
     if not out.exists():
-        if out.parent.exists() and not out.parent.is_dir():
-            raise RankoneError(f"--out {out}: {out.parent} is a file, not a folder")
-        return
+        return  # a file where a parent folder should be is refused by `staging_folder`
     if not out.is_dir():
         raise RankoneError(f"--out {out}: exists and is not a folder")
     present = sorted(entry.name for entry in out.iterdir())
@@ -112,13 +107,6 @@ def check_out_folder(out: Path) -> None:
 
 
 # ---- what goes in the folder -------------------------------------------------------------------
-
-def open_clip_config(architecture: dict[str, Any]) -> dict[str, Any]:
-    """open_clip's `open_clip_config.json` for `architecture`: the model config and its evaluation preprocessing."""
-    model_cfg = {key: value for key, value in architecture.items() if key != "name"}
-    return {"model_cfg": model_cfg,
-            "preprocess_cfg": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD), "interpolation": "bicubic", "resize_mode": "shortest"}}
-
 
 def whole_clip(workspace: Workspace, visual: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The base CLIP with its image tower replaced by `visual`, checked against the architecture."""
@@ -182,7 +170,6 @@ def export_method(workspace: Workspace, options: ExportOptions, device: torch.de
         raise RankoneError(f"--method {method.name}: yields no single model to export (exportable: {', '.join(exportable)})")
     out = Path(options.out)
     check_out_folder(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_folder(out.parent, out.name)
     try:
         if method.tower is not None:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from rankone.errors import RankoneError
 from rankone.data import ImageDataset, labeled_images
 from rankone.heads import classify_logits, logit_scale, template_strings, templates_for, zero_shot_head
-from rankone.models import VISUAL_PREFIX, load_clip, open_clip, preprocess_for, tokenizer_for
+from rankone.models import VISUAL_PREFIX, load_clip, open_clip_config, preprocess_for, tokenizer_for
 from rankone.options import Options, option, seed_option
 from rankone.sources import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, check_base, load_source
 from rankone.workspace import Workspace, save_tensors_atomic, staging_folder, write_json_atomic
@@ -111,18 +111,9 @@ def write_open_clip_dir(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RankoneError(f"--out {out}: exists and is not an empty directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_folder(out.parent, out.name)
     try:
-        model_cfg = {key: value for key, value in architecture.items() if key != "name"}
-        image_size = architecture["vision_cfg"].get("image_size", 224)
-        config = {
-            "model_cfg": model_cfg,
-            "preprocess_cfg": {"image_size": image_size, "mean": list(open_clip.constants.OPENAI_DATASET_MEAN), "std": list(open_clip.constants.OPENAI_DATASET_STD),
-                               "interpolation": "bicubic", "resize_mode": "shortest"},
-        }
-        if "name" in architecture:
-            config["model_name"] = architecture["name"]
+        config = open_clip_config(architecture)
         if extra:
             config["rankone"] = extra
         write_json_atomic(staging / OPEN_CLIP_CONFIG, config)

@@ -206,6 +206,20 @@ def preprocess_for(architecture: dict[str, Any]):
     return open_clip.image_transform(image_size, is_train=False)
 
 
+def open_clip_config(architecture: dict[str, Any]) -> dict[str, Any]:
+    """open_clip's `open_clip_config.json` for `architecture`: the model config, its evaluation
+    preprocessing (CLIP's normalization, as `preprocess_for` uses) and its name."""
+    config = {
+        "model_cfg": {key: value for key, value in architecture.items() if key != "name"},
+        "preprocess_cfg": {"image_size": architecture["vision_cfg"].get("image_size", 224),
+                           "mean": list(open_clip.constants.OPENAI_DATASET_MEAN), "std": list(open_clip.constants.OPENAI_DATASET_STD),
+                           "interpolation": "bicubic", "resize_mode": "shortest"},
+    }
+    if "name" in architecture:
+        config["model_name"] = architecture["name"]
+    return config
+
+
 def count_parameters(tensors: dict[str, torch.Tensor] | nn.Module) -> int:
     if isinstance(tensors, nn.Module):
         return sum(parameter.numel() for parameter in tensors.parameters())

@@ -61,8 +61,15 @@ def follow_umask(path: Path | str, directory: bool = False) -> None:
 
 
 def staging_folder(parent: Path, name: str) -> Path:
-    """A fresh hidden folder beside `name` in `parent`, to build something in and rename into place."""
-    folder = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.staging-"))
+    """A fresh hidden folder beside `name` in `parent` (created if needed), to build something in and rename into place."""
+    blocking = next((folder for folder in (parent, *parent.parents) if folder.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise RankoneError(f"--out {parent / name}: {blocking} is a file, not a folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.staging-"))
+    except OSError as error:
+        raise RankoneError(f"--out {parent / name}: cannot write here ({_write_error_reason(error)})") from None
     follow_umask(folder, directory=True)
     return folder
 

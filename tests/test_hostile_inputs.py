@@ -187,6 +187,8 @@ CASES = {
     "predict from an unreachable hub repo": (["predict", "hf:my-org/absent", "--task", "alpha", "FILE"], "hf:my-org/absent"),
     "push a folder that is no export": (["push", "LABELED", "--repo", "org/name"], "not an exported model"),
     "pipeline file missing": (["run", "HERE/absent.yaml"], "no such pipeline file"),
+    "finetune output below a file": (["finetune", "--task", "alpha", "--data", "LABELED", "--base", "MODELS/base", "--out", "FILE/expert",
+                                      "--steps", "1"], "FILE"),
 }
 
 
@@ -286,6 +288,30 @@ def test_every_numeric_option_refuses_out_of_range_values_before_touching_anythi
 
 def test_the_hostile_suite_is_large():
     assert len(CASES) + len(TAMPERING) + len(RANGE_CASES) >= 60
+
+
+def test_an_export_whose_record_is_not_an_object_is_one_line(place, rankone_cli):
+    out = place / "model"
+    assert rankone_cli("export", "-w", place / "done", "--out", out)[0] == 0
+    (out / "rankone.json").write_text("[]")
+    assert_refused(rankone_cli, place, ["predict", "HERE/model", "--task", "alpha", "FILE"], "rankone.json: not a JSON object")
+    assert_refused(rankone_cli, place, ["inspect", "HERE/model"], "rankone.json: not a JSON object")
+
+
+def test_paths_that_look_like_markup_print_as_they_are(place, rankone_cli):
+    image = place / "shot[final].png"
+    shutil.copy(next((place / "labeled" / "alpha").rglob("*.png")), image)
+    code, out, err = rankone_cli("predict", place / "done", "--task", "alpha", image)
+    assert code == 0, err
+    assert str(image) in out
+
+
+def test_adapt_says_which_files_it_skipped(place, rankone_cli):
+    (place / "unlabeled" / "alpha" / "notes.txt").write_text("not an image")
+    code, _, err = rankone_cli("adapt", "-w", place / "done", "--data", place / "unlabeled", "--classnames-from", place / "labeled",
+                               "--steps", "1", "--batch-size", "2")
+    assert code == 0, err
+    assert "alpha: skipped 1 files that are not images" in err
 
 
 # ---- images and pickles that fight back ------------------------------------------------------
