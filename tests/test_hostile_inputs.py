@@ -153,7 +153,7 @@ CASES = {
     # methods and devices
     "unknown method": (["merge", "-w", "DONE", "--method", "magic"], "--method 'magic'"),
     "adaptive method to merge": (["merge", "-w", "DONE", "--method", "rankone"], "--method 'rankone': not a static method"),
-    "static method to adapt": (["adapt", "-w", "DONE", "--method", "ties", "--data", "UNLABELED"], "--method 'ties': not a adaptive method"),
+    "static method to adapt": (["adapt", "-w", "DONE", "--method", "ties", "--data", "UNLABELED"], "--method 'ties': not an adaptive method"),
     "option the method does not use": (["merge", "-w", "DONE", "--method", "ties", "--drop", "0.5"], "--drop: not used by --method ties"),
     "device meta": (["eval", "-w", "DONE", "--method", "pretrained", "--data", "LABELED", "--device", "meta"], "--device meta: not a device"),
     "device mps here": (["eval", "-w", "DONE", "--method", "pretrained", "--data", "LABELED", "--device", "mps"], "--device mps"),

@@ -41,7 +41,8 @@ def get(name: str, kind: str | None = None, option: str = "--method", default: s
     found = {method.name: method for method in sorted(registered(), key=lambda method: method.name != default)
              if kind is None or method.kind == kind}
     if name not in found:
-        what = f"not a {kind} method" if kind and any(method.name == name for method in registered()) else "unknown"
+        article = "an" if kind and kind[0] in "aeiou" else "a"
+        what = f"not {article} {kind} method" if kind and any(method.name == name for method in registered()) else "unknown"
         raise RankoneError(f"{option} {name!r}: {what}; choose from {', '.join(found)}")
     return found[name]
 
