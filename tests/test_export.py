@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 import rankone
+from rankone import methods
 from conftest import TASKS, populate_hf_cache, save_transformers_clip, save_transformers_expert, snapshot
 from rankone.errors import RankoneError
 from rankone.export import parse_size
@@ -46,10 +47,19 @@ def image_features(output) -> torch.Tensor:
 
 # ---- static merges in open_clip's and transformers' layouts -------------------------------------
 
-@pytest.mark.parametrize("method", ["task-arithmetic", "adamerging", "pretrained"])
+STATIC_EXPORTS = [method.name for method in methods.registered() if method.tower is not None]
+
+
+def test_every_single_model_method_exports_statically():
+    assert set(STATIC_EXPORTS) == {"pretrained", "weight-averaging", "task-arithmetic", "ties", "dare", "model-stock", "adamerging"}
+
+
+@pytest.mark.parametrize("method", STATIC_EXPORTS)
 def test_static_export_loads_in_open_clip_unmodified(tmp_path, every_stage_workspace, rankone_cli, method):
     import open_clip
 
+    if methods.get(method).kind == "static" and not every_stage_workspace.has(methods.get(method).output):
+        assert rankone_cli("merge", "--method", method, "-w", every_stage_workspace.root)[0] == 0
     out = tmp_path / "exported"
     code, stdout, err = rankone_cli("export", "--method", method, "-w", every_stage_workspace.root, "--out", out)
     assert code == 0, err
