@@ -389,7 +389,14 @@ class Workspace:
     @contextlib.contextmanager
     def locked(self, shared: bool = False) -> Iterator[None]:
         """The workspace's commit lock (flock on `.lock`): commits are serialised, and so is recovery."""
-        with open(self.root / LOCK_FILE, "a") as handle:
+        try:
+            handle = open(self.root / LOCK_FILE, "a")
+        except OSError as error:
+            if shared:  # a workspace no one can write to has no commit to wait for
+                yield
+                return
+            raise RankoneError(f"-w {self.root}: cannot write here ({_write_error_reason(error)})") from None
+        with handle:
             fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             try:
                 yield

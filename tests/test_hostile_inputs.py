@@ -414,6 +414,27 @@ def test_a_full_tmpfs_is_one_line_and_changes_nothing(place, tmp_path):
         subprocess.run(["umount", str(mount)], capture_output=True)
 
 
+def test_a_read_only_workspace_is_one_line(place, tmp_path):
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("needs root and permission to mount a tmpfs (as root, file modes alone do not make a folder read-only)")
+    try:
+        work = mount / "work"
+        shutil.copytree(place / "done", work)
+        (work / "pool.safetensors").write_bytes((work / "pool.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
+        assert subprocess.run(["mount", "-o", "remount,ro", str(mount)], capture_output=True).returncode == 0
+        before = tree_state(work)
+        for arguments, message in ((["merge", "-w", work, "--method", "ties"], f"-w {work}: cannot write here (Read-only file system)"),
+                                   (["eval", "-w", work, "--method", "rankone", "--data", place / "labeled"], "pool.safetensors: does not match")):
+            result = run(arguments)
+            lines = [line for line in result.stderr.splitlines() if line.strip()]
+            assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+        assert tree_state(work) == before
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
 def test_two_stages_committing_in_turn_lose_nothing(place):
     """A stage that started before another committed keeps that commit's entries when it commits itself."""
     work = Workspace(place / "done")
