@@ -59,7 +59,7 @@ from rankone.models import resolve_device
 from rankone.options import Options, OptionInfo, check_value, option, parse_pairs
 from rankone.sources import fetch, preset as preset_sources
 from rankone.task_vectors import ANALYSIS_FILE, compute_task_vectors, task_vector_path
-from rankone.training import AdaptOptions
+from rankone.training import AdaptOptions, curve_path
 from rankone.workspace import Workspace, producer_of, sha256_file
 
 DEFAULT_WORKSPACE = Path("rankone-work")
@@ -227,7 +227,18 @@ def _run_merge(workspace: Workspace, options: MergeOptions, method_options: Opti
 def _run_adapt(workspace: Workspace, options: AdaptStageOptions, method_options: Options, context: Context) -> dict:
     run_options = dataclasses.replace(options, device=context.device, progress=context.progress, note=context.note)
     written = methods.get(options.method, "adaptive").adapt(workspace, run_options, method_options)
-    return {"written": written}
+    return {"written": written, **adaptation_summary(workspace, curve_path(written))}
+
+
+def adaptation_summary(workspace: Workspace, curve: str) -> dict:
+    """The numbers a person reads after `adapt`, from the loss curve it wrote: the loss and each task's
+    mean entropy at the first and the last step, images per second and time."""
+    log = workspace.read_json(curve)
+    losses, task_losses = log["losses"], log["task_losses"]
+    return {"curve": curve, "steps": len(losses), "first_step": log["first_step"],
+            "loss": [losses[log["first_step"] - 1], losses[-1]] if len(losses) >= log["first_step"] else [],
+            "entropy": {task: [values[0], values[-1]] for task, values in task_losses.items() if values},
+            "images_per_second": log["images_per_second"], "seconds": log["seconds"]}
 
 
 def per_task_lists(values: list[str] | None, option: str, tasks: list[str], what: str) -> dict[str, list[str]]:
@@ -711,7 +722,7 @@ def run_pipeline(
         result = run_stage(step.stage, workspace, step.options, step.method_options, context)
         outputs = step.stage.outputs(workspace.tasks if step.stage.name != "fetch" else tasks, step.options)
         record = {"stage": step.stage.name, "options": step.record(), "chain": planned.chain,
-                  "outputs": _output_hashes(workspace, outputs), "result": _jsonable(result)}
+                  "outputs": _output_hashes(workspace, outputs), "result": jsonable(result)}
         records = records[:index] + [record]
         with workspace.transaction({RECORD_KEY: {"format": RECORD_FORMAT, "file": str(pipeline.path.resolve()), "stages": records}}):
             pass
@@ -719,5 +730,6 @@ def run_pipeline(
     return records
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """A stage's result as plain JSON values (paths and other objects as their text)."""
     return json.loads(json.dumps(value, default=str))

@@ -97,10 +97,11 @@ def minimise_entropy(
     resume: dict | None = None,
     progress: bool = True,
     workers: int = 0,
-) -> list[float]:
+) -> TrainingLog:
     """Train `parameters` with Adam to minimise Σ_tasks mean entropy of classify(images, task).
 
-    Returns the loss of every step (including those before `resume`). `checkpoint(step,
+    Returns the loss of every step (including those before `resume`), each task's mean
+    entropy at every step this call ran, and the throughput. `checkpoint(step,
     state)` is called every `save_every` steps and after the last one, with state = {"step", "parameters" (list of
     tensors), "optimizer" (Adam's state_dict), "losses"}; passing such a state as `resume`
     continues the run exactly.
@@ -130,6 +131,7 @@ def minimise_entropy(
     }
     bar = _progress(progress)
     began, images = time.perf_counter(), 0
+    task_losses: dict[str, list[float]] = {task: [] for task in loaders}
     with shown(bar):
         # A resumed run says where it picked up: the bar alone would look like a fresh run that sped through.
         description = f"adapt (resumed at step {start})" if start else "adapt"
@@ -143,6 +145,7 @@ def minimise_entropy(
                 loss = batch_entropy(classify(batch, task))
                 loss.backward()
                 total += float(loss.detach())
+                task_losses[task].append(float(loss.detach()))
                 images += batch.shape[0]
             optimizer.step()
             losses.append(total)
@@ -156,7 +159,24 @@ def minimise_entropy(
                     "optimizer": optimizer.state_dict(),
                     "losses": list(losses),
                 })
-    return losses
+    return TrainingLog(losses=losses, task_losses=task_losses, start=start, images=images, seconds=time.perf_counter() - began)
+
+
+@dataclass
+class TrainingLog:
+    """What an adaptation did: the loss (Σ over tasks of the mean entropy) of every step, from step 1
+    even when resumed; each task's mean entropy at the steps this run made (from `start`); throughput."""
+
+    losses: list[float]
+    task_losses: dict[str, list[float]]
+    start: int = 0
+    images: int = 0
+    seconds: float = 0.0
+
+    def curve(self) -> dict[str, Any]:
+        """The loss curve as JSON: what `rankone adapt` writes next to the trained tensors."""
+        return {"losses": self.losses, "task_losses": self.task_losses, "first_step": self.start + 1,
+                "images_per_second": self.images / self.seconds if self.seconds > 0 else None, "seconds": self.seconds}
 
 
 def _progress(enabled: bool):
@@ -275,7 +295,7 @@ def adapt_with_checkpoints(
     config: dict[str, Any],
     lr: float,
     resume: dict | None = None,
-) -> list[float]:
+) -> TrainingLog:
     """`minimise_entropy` with workspace checkpoints under adapted/<method>-checkpoints/.
 
     `resume` is `resume_state(...)`, best looked up by the caller before it builds anything
@@ -408,6 +428,11 @@ def adaptation_inputs(workspace: Workspace, options: AdaptOptions, known: list[s
     return AdaptationInputs(tasks, requests, unlabeled)
 
 
+def curve_path(relpath: str) -> str:
+    """Where the loss curve of adapted/<method>.safetensors goes: adapted/<method>-curve.json."""
+    return relpath.removesuffix(".safetensors") + "-curve.json"
+
+
 def save_adapted(
     workspace: Workspace,
     relpath: str,
@@ -415,12 +440,13 @@ def save_adapted(
     config: dict[str, Any],
     options: AdaptOptions,
     requests: HeadRequests,
-    losses: list[float],
+    log: TrainingLog,
     **extra: Any,
 ) -> str:
-    """Write the trained tensors with what made them (config, steps, heads, losses) as metadata."""
+    """Write the trained tensors with what made them (config, steps, heads, losses) as metadata, and the loss curve beside them."""
     heads = {task: {"classnames": names, "templates": templates} for task, (names, templates) in requests.items()}
-    metadata = {**config, "steps": options.steps, **extra, "heads": heads, "losses": losses}
+    metadata = {**config, "steps": options.steps, **extra, "heads": heads, "losses": log.losses}
     with workspace.transaction() as staging:
         staging.save_tensors(relpath, tensors, {"rankone": json.dumps(metadata)})
+        staging.write_json(curve_path(relpath), {"method": config.get("method"), **log.curve()})
     return relpath

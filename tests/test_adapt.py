@@ -50,7 +50,7 @@ class Toy:
 
     def run(self, **options) -> list[float]:
         defaults = dict(steps=30, batch_size=4, lr=0.05, seed=0, device="cpu", progress=False)
-        return minimise_entropy(self.classify, [self.features], self.data, **{**defaults, **options})
+        return minimise_entropy(self.classify, [self.features], self.data, **{**defaults, **options}).losses
 
 
 def test_loop_lowers_entropy_and_is_deterministic():

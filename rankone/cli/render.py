@@ -140,9 +140,23 @@ def stage_summary(step: Step, result: Any) -> list[str]:
     if name == "build-pool" and "counts" in result:
         return [f"pool {result['counts']['pool']:,} + routers {result['counts']['routers']:,} parameters "
                 f"({result['counts']['total'] / result['tower_parameters']:.4f}× the tower)"]
+    if name == "adapt" and "curve" in result:
+        return adaptation_lines(result)
     if name == "export" and "out" in result:
         return [f"wrote {result['out']} ({result['method']}, {result.get('layout', 'artifact')}, {result['dtype']}, {result['bytes'] / 1e6:,.2f} MB)"]
     return []
+
+
+def adaptation_lines(result: dict[str, Any]) -> list[str]:
+    """adapt's summary: whether the loss went down, per task, and how fast."""
+    if not result.get("loss"):
+        return [f"no step to run: the routers are as the checkpoint left them at step {result.get('steps', 0)}"]
+    (first, last), steps = result["loss"], f"steps {result['first_step']}-{result['steps']}"
+    lines = [f"loss (sum over tasks of the mean entropy) {first:.4f} → {last:.4f} over {steps}"]
+    lines.append("mean entropy, first → last step: " + ", ".join(f"{task} {start:.3f} → {end:.3f}" for task, (start, end) in result["entropy"].items()))
+    rate = result.get("images_per_second")
+    lines.append((f"{rate:,.1f} images/s, " if rate else "") + f"{result['seconds']:.1f} s")
+    return lines
 
 
 def command_arguments(step: Step, workspace: Path, device: str) -> list[str]:

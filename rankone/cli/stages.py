@@ -4,7 +4,9 @@ each a thin command over `pipeline.STAGES` (flags derived by `flags.stage_comman
 from __future__ import annotations
 
 import inspect
+import json
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -146,7 +148,9 @@ def _merge(values: dict[str, Any]) -> None:
 
 def _adapt(values: dict[str, Any]) -> None:
     workspace, result = run_command("adapt", values)
-    say(f"wrote {workspace.path(result['written'])}")
+    for line in render.adaptation_lines(result):
+        say(line)
+    say(f"wrote {workspace.path(result['written'])} and its loss curve {workspace.path(result['curve'])}")
 
 
 def _eval(values: dict[str, Any]) -> None:
@@ -175,16 +179,35 @@ def _export(values: dict[str, Any]) -> None:
 
 _LIST_PRESETS = inspect.Parameter("list_presets", KEYWORD, default=False,
                                   annotation=Annotated[bool, typer.Option("--list-presets", help="List the presets and exit.")])
+_JSON = inspect.Parameter("as_json", KEYWORD, default=False, annotation=Annotated[bool, typer.Option(
+    "--json", help="Print the stage's result as one JSON object on stdout instead of the summary (progress stays on stderr).")])
 _TASKS_WORDS = {"allow_extra_args": True}
 
-stage_command(app, pipeline.STAGES["fetch"], DETAILS["fetch"], _fetch, extra=[_LIST_PRESETS])
-stage_command(app, pipeline.STAGES["task-vectors"], DETAILS["task-vectors"], _task_vectors)
-stage_command(app, pipeline.STAGES["build-pool"], DETAILS["build-pool"], _build_pool)
-stage_command(app, pipeline.STAGES["merge"], DETAILS["merge"], _merge)
-stage_command(app, pipeline.STAGES["adapt"], DETAILS["adapt"], _adapt)
-stage_command(app, pipeline.STAGES["eval"], DETAILS["eval"], _eval, context_settings=_TASKS_WORDS)
-stage_command(app, pipeline.STAGES["compare"], DETAILS["compare"], _compare, context_settings=_TASKS_WORDS)
-stage_command(app, pipeline.STAGES["export"], DETAILS["export"], _export)
+
+def _summary_or_json(name: str, summary: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    """The stage's body: its summary for people, or with --json the result `rankone run` records, as one object."""
+    def body(values: dict[str, Any]) -> None:
+        if not values.pop("as_json"):
+            summary(values)
+            return
+        if values.pop("list_presets", False):
+            print(json.dumps([{"name": preset, "description": text, "experts": count} for preset, text, count in describe_presets()], indent=2))
+            return
+        if "ctx" in values:
+            _tasks_with_extra_words(values, name)
+        _, result = run_command(name, values)
+        print(json.dumps(pipeline.jsonable(result), indent=2))
+
+    return body
+
+
+for _name, _summary, _extra, _settings in (
+    ("fetch", _fetch, [_LIST_PRESETS], None), ("task-vectors", _task_vectors, [], None), ("build-pool", _build_pool, [], None),
+    ("merge", _merge, [], None), ("adapt", _adapt, [], None), ("eval", _eval, [], _TASKS_WORDS),
+    ("compare", _compare, [], _TASKS_WORDS), ("export", _export, [], None),
+):
+    stage_command(app, pipeline.STAGES[_name], DETAILS[_name], _summary_or_json(_name, _summary), extra=[*_extra, _JSON],
+                  context_settings=_settings)
 
 
 @app.command("run")

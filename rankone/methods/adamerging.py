@@ -201,10 +201,10 @@ def adapt_adamerging(workspace: Workspace, options: AdaptOptions, method_options
     heads = task_heads(workspace, inputs.requests, options.device)
     config = {"method": "adamerging", "seed": options.seed, "lr": method_options.lr, "batch_size": options.batch_size,
               "tasks": known, "adapted_on": inputs.tasks, "init": INITIAL_COEFFICIENT}
-    losses = adapt_with_checkpoints(workspace, "adamerging", classify_with(model, heads), [model.coefficients],
+    log = adapt_with_checkpoints(workspace, "adamerging", classify_with(model, heads), [model.coefficients],
                                     inputs.unlabeled, options, config, method_options.lr)
     return save_adapted(workspace, ADAPTED_COEFFICIENTS, {COEFFICIENTS: model.coefficients.detach()}, config, options,
-                        inputs.requests, losses, groups=model.groups)
+                        inputs.requests, log, groups=model.groups)
 
 
 METHOD = register(Method(

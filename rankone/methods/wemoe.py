@@ -283,9 +283,9 @@ def adapt_wemoe(workspace: Workspace, options: AdaptOptions, method_options: WEM
     heads = task_heads(workspace, inputs.requests, options.device)
     config = {"method": "wemoe", "seed": options.seed, "lr": method_options.lr, "batch_size": options.batch_size,
               "tasks": known, "adapted_on": inputs.tasks, "lambda": method_options.lam}
-    losses = adapt_with_checkpoints(workspace, "wemoe", classify_with(model, heads), router_parameters(model),
+    log = adapt_with_checkpoints(workspace, "wemoe", classify_with(model, heads), router_parameters(model),
                                     inputs.unlabeled, options, config, method_options.lr)
-    return save_adapted(workspace, ADAPTED_ROUTERS, router_state(model), config, options, inputs.requests, losses)
+    return save_adapted(workspace, ADAPTED_ROUTERS, router_state(model), config, options, inputs.requests, log)
 
 
 METHOD = register(Method(

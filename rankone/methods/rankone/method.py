@@ -97,9 +97,9 @@ def adapt_rankone(workspace: Workspace, options: AdaptOptions, method_options: R
     model = routed_model(workspace.architecture, stored.static, stored.pool, stored.lam, method_options.select,
                          method_options.routing, stored.tasks, seed=options.seed).to(options.device)
     heads = task_heads(workspace, inputs.requests, options.device)
-    losses = adapt_with_checkpoints(workspace, "rankone", classify_with(model, heads), router_parameters(model),
+    log = adapt_with_checkpoints(workspace, "rankone", classify_with(model, heads), router_parameters(model),
                                     inputs.unlabeled, options, config, method_options.lr, resume)
-    return save_adapted(workspace, ADAPTED_ROUTERS, router_state(model), config, options, inputs.requests, losses)
+    return save_adapted(workspace, ADAPTED_ROUTERS, router_state(model), config, options, inputs.requests, log)
 
 
 def load_rankone(workspace: Workspace, method: str, device: torch.device) -> MethodModel:
