@@ -118,3 +118,35 @@ def test_rankone_fetch_accepts_the_finetuned_expert(tiny_architecture, base_stat
     _, written = read_open_clip_dir(result.out)
     assert set(expert) == {key for key in written if key.startswith("visual.")}
     assert all(torch.equal(expert[key], written[key]) for key in expert)
+
+
+def test_finetune_reports_zero_shot_and_fine_tuned_accuracy_as_eval_measures_them(tiny_workspace, labeled_data, tmp_path, rankone_cli):
+    """The summary's two numbers are what `rankone eval` gives the base and the new expert on the same images."""
+    import json
+
+    from conftest import write_open_clip_dir as write_base_dir
+
+    out = tmp_path / "gamma-expert"
+    code, stdout, err = rankone_cli("finetune", "-w", tiny_workspace.root, "--task", "gamma", "--data", labeled_data, "--eval-data",
+                                    labeled_data, "--out", out, "--steps", "8", "--batch-size", "4", "--lr", "1e-3")
+    assert code == 0, err
+    recipe = json.loads((out / "open_clip_config.json").read_text())["rankone"]["finetune"]
+    assert recipe["eval_images"] == 8 and recipe["eval_source"] == f"--eval-data {labeled_data}"
+    assert (f"top-1 on 8 images (--eval-data {labeled_data}): zero-shot {recipe['zero_shot_accuracy']:.1f}% → "
+            f"fine-tuned {recipe['accuracy']:.1f}%") in stdout
+
+    work = tmp_path / "check"
+    write_base_dir(tmp_path / "base", tiny_workspace.load_tensors("base.safetensors"))
+    assert rankone_cli("fetch", "-w", work, "--base", tmp_path / "base", "--expert", f"gamma={out}")[0] == 0
+    for method, key in (("pretrained", "zero_shot_accuracy"), ("individual", "accuracy")):
+        code, _, err = rankone_cli("eval", "-w", work, "--method", method, "--data", labeled_data)
+        assert code == 0, err
+        assert abs(json.loads((work / "eval" / f"{method}.json").read_text())["tasks"]["gamma"]["accuracy"] - recipe[key]) < 1e-9
+
+    # Without --eval-data a seeded tenth of --data is held out, and training sees the rest.
+    held_out = tmp_path / "held-out"
+    code, stdout, err = rankone_cli("finetune", "-w", tiny_workspace.root, "--task", "beta", "--data", labeled_data, "--out", held_out,
+                                    "--steps", "2", "--batch-size", "4")
+    assert code == 0, err
+    recipe = json.loads((held_out / "open_clip_config.json").read_text())["rankone"]["finetune"]
+    assert recipe["eval_images"] == 1 and recipe["images"] == 11 and "10% of --data held out" in stdout

@@ -164,7 +164,7 @@ def build_zoo(
             result = finetune_expert(
                 architecture, base_state, task, staging / "data" / "finetune", staging / "experts" / task,
                 steps=settings["steps"], lr=settings["lr"], batch_size=settings["batch_size"], seed=seed, device=device,
-                on_step=notify(f"fine-tuning the {task} expert", settings["steps"]),
+                on_step=notify(f"fine-tuning the {task} expert", settings["steps"]), holdout=0.0,
             )
             finetune_report[task] = {"images": result.images, "first_loss": result.losses[0], "last_loss": result.losses[-1]}
         report = {
