@@ -27,8 +27,12 @@ from rankone.evaluate import task_accuracy
 from rankone.heads import classify_logits, logit_scale, template_strings, templates_for, zero_shot_head
 from rankone.models import VISUAL_PREFIX, load_clip, load_visual, open_clip_config, preprocess_for, tokenizer_for
 from rankone.options import Options, option, seed_option
+from rankone.plots import plot_curves, require_matplotlib
 from rankone.sources import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, check_base, load_source
 from rankone.workspace import Workspace, save_tensors_atomic, staging_folder, write_json_atomic
+
+
+CURVE_FILE = "finetune-curve.json"
 
 
 def _batches(dataset: Dataset, batch_size: int, generator: torch.Generator, num_workers: int):
@@ -62,6 +66,7 @@ class FinetuneOptions(Options):
                             low=0.0, high=1.0, high_open=True)
     eval_data: Path | None = option(None, "Labeled images to report accuracy on instead, EVAL_DATA/<task>/<class>/<image>.",
                                     existing_folder=True)
+    plot: bool = option(False, "Also draw the loss curve as OUT/finetune-curve.png (needs matplotlib).")
     trust_pickle: bool = option(False, "Allow a pickle base (.bin/.pt), read with torch.load(weights_only=True).")
 
 
@@ -115,10 +120,14 @@ def finetune_image_tower(
 
 
 def write_open_clip_dir(
-    out: Path | str, architecture: dict[str, Any], state_dict: dict[str, torch.Tensor], extra: dict[str, Any] | None = None
+    out: Path | str, architecture: dict[str, Any], state_dict: dict[str, torch.Tensor], extra: dict[str, Any] | None = None,
+    curve: dict[str, Any] | None = None,
 ) -> Path:
     """An open_clip model directory: `open_clip_config.json` (`model_cfg`, `preprocess_cfg`) and
-    `open_clip_model.safetensors`, written to a temporary folder and renamed into place."""
+    `open_clip_model.safetensors`, written to a temporary folder and renamed into place.
+
+    `curve` ({"losses", "plot"}): fine-tuning's loss of every step, written beside them as
+    `finetune-curve.json` (and `finetune-curve.png` when "plot")."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RankoneError(f"--out {out}: exists and is not an empty directory")
@@ -129,6 +138,10 @@ def write_open_clip_dir(
             config["rankone"] = extra
         write_json_atomic(staging / OPEN_CLIP_CONFIG, config)
         save_tensors_atomic(staging / OPEN_CLIP_WEIGHTS, state_dict)
+        if curve is not None:
+            write_json_atomic(staging / CURVE_FILE, {"losses": curve["losses"]})
+            if curve["plot"]:
+                plot_curves({"cross-entropy": curve["losses"]}, staging / CURVE_FILE.replace(".json", ".png"), "training loss")
         if out.exists():
             out.rmdir()
         os.replace(staging, out)
@@ -193,6 +206,7 @@ def finetune_expert(
     on_step: Callable[[int, float], None] | None = None,
     holdout: float = FinetuneOptions.holdout,
     eval_data: Path | str | None = None,
+    plot: bool = False,
 ) -> FinetuneResult:
     """What `rankone finetune` does: fine-tune on `data/<task>/<class>/*` against the task's
     zero-shot head (built-in templates unless given) and write an open_clip directory to `out`.
@@ -203,6 +217,8 @@ def finetune_expert(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RankoneError(f"--out {out}: exists and is not an empty directory")
+    if plot:
+        require_matplotlib()
     labeled = labeled_images(data, task, classnames)
     if eval_data is not None:
         held, source = labeled_images(eval_data, task, labeled.classnames), f"--eval-data {eval_data}"
@@ -223,7 +239,8 @@ def finetune_expert(
         measured = {"zero_shot_accuracy": top1(architecture, base_state, head, held, device),
                     "accuracy": top1(architecture, tower, head, held, device), "eval_images": len(held.paths), "eval_source": source}
         recipe.update(measured)
-    write_open_clip_dir(out, architecture, {**base_state, **tower}, extra={"finetune": recipe})
+    curve = {"losses": losses, "plot": plot}
+    write_open_clip_dir(out, architecture, {**base_state, **tower}, extra={"finetune": recipe}, curve=curve)
     return FinetuneResult(out=out, classnames=labeled.classnames, templates=templates, losses=losses, images=len(dataset), **measured)
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from rankone.errors import RankoneError
 from rankone.models import VISUAL_PREFIX, visual_state
+from rankone.plots import plot_analysis, require_matplotlib
 from rankone.workspace import Workspace
 
 TASK_VECTOR_DIR = "task_vectors"
@@ -111,7 +111,7 @@ def compute_task_vectors(
     figure goes to `task_vectors/analysis.png`). One task vector is in memory at a time.
     """
     if plot:
-        _require_matplotlib()
+        require_matplotlib()
     base_visual = visual_state(workspace.load_tensors("base.safetensors"))
     tasks = workspace.tasks
     if not tasks:
@@ -139,29 +139,3 @@ def load_task_vectors(workspace: Workspace, tasks: list[str] | None = None) -> l
     return [workspace.load_tensors(task_vector_path(task)) for task in tasks]
 
 
-def _require_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise RankoneError("--plot: matplotlib is not installed; install it with `pip install 'rankone[plot]'`") from None
-
-
-def plot_analysis(analysis: dict[str, Any], path: Path) -> Path:
-    """A bar chart of mean attention vs MLP task-vector norm per block, saved as PNG."""
-    _require_matplotlib()
-    # The object API, not pyplot: a library call must not switch the global backend.
-    from matplotlib.figure import Figure
-
-    blocks = [row["block"] for row in analysis["blocks"]]
-    width = 0.4
-    figure = Figure(figsize=(max(4.0, 0.5 * len(blocks) + 2), 3.2), layout="constrained")
-    axes = figure.subplots()
-    axes.bar([b - width / 2 for b in blocks], [row["attention"] for row in analysis["blocks"]], width, label="attention")
-    axes.bar([b + width / 2 for b in blocks], [row["mlp"] for row in analysis["blocks"]], width, label="MLP")
-    axes.set_xlabel("transformer block")
-    axes.set_ylabel("mean ‖τ‖₂ over tasks")
-    axes.set_xticks(blocks)
-    # Above the axes: inside, it hides the tallest bars, which are the point of the figure.
-    axes.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
-    figure.savefig(path, dpi=120)
-    return path

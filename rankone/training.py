@@ -34,6 +34,7 @@ from rankone.errors import RankoneError
 from rankone.heads import HEAD_SOURCES, classify_logits, fusionbench_classnames_and_templates, heads_for_tasks, read_lines
 from rankone.models import preprocess_for
 from rankone.options import Options, option, seed_option
+from rankone.plots import plot_curves, require_matplotlib
 from rankone.progress import shown
 from rankone.workspace import Workspace, read_tensors_metadata
 
@@ -207,6 +208,7 @@ class AdaptOptions(Options):
     # Run-time context, not options.
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: bool = True
+    plot: bool = option(False, "Also draw the loss curve (total and per task) as adapted/<method>-curve.png (needs matplotlib).")
     # Where notes go (files skipped in --data); the CLI prints them on stderr.
     note: Callable[[str], None] = field(default=lambda line: None, compare=False)
 
@@ -422,6 +424,8 @@ class AdaptationInputs:
 
 def adaptation_inputs(workspace: Workspace, options: AdaptOptions, known: list[str]) -> AdaptationInputs:
     """Tasks, head requests and unlabeled datasets, all checked before any model is built."""
+    if options.plot:
+        require_matplotlib()
     tasks = selected_tasks(known, options.tasks)
     requests = head_requests(workspace, tasks, options.heads_source, options.classnames_from, options.classnames, options.templates)
     unlabeled = unlabeled_sets(options.data, tasks, preprocess_for(workspace.architecture), known=known, note=options.note)
@@ -449,4 +453,7 @@ def save_adapted(
     with workspace.transaction() as staging:
         staging.save_tensors(relpath, tensors, {"rankone": json.dumps(metadata)})
         staging.write_json(curve_path(relpath), {"method": config.get("method"), **log.curve()})
+        if options.plot:
+            plot_curves({"total": log.losses[log.start:], **log.task_losses}, staging.path(curve_path(relpath).removesuffix(".json") + ".png"),
+                        "mean entropy (total: sum over tasks)", first_step=log.start + 1)
     return relpath

@@ -54,3 +54,32 @@ def test_every_stage_prints_its_result_as_json(every_stage_workspace, labeled_da
     assert code == 0 and sorted(json.loads(out)["files"]) == sorted(record["files"]) and json.loads(out)["method"] == "ties"
     code, out, _ = rankone_cli("task-vectors", "-w", work.root, "--json")
     assert code == 0 and json.loads(out) == work.read_json("task_vectors/analysis.json")
+
+
+def test_plot_draws_the_loss_curves_and_finetune_keeps_its_curve(every_stage_workspace, unlabeled_data, labeled_data, tmp_path, rankone_cli):
+    from PIL import Image
+
+    work = every_stage_workspace
+    code, _, err = rankone_cli("adapt", "-w", work.root, "--method", "wemoe", "--data", unlabeled_data, "--classnames-from", labeled_data,
+                               "--steps", "3", "--batch-size", "2", "--plot")
+    assert code == 0, err
+    work.require("adapted/wemoe-curve.png")  # recorded in the manifest with the rest of the stage
+    with Image.open(work.path("adapted/wemoe-curve.png")) as image:
+        assert image.format == "PNG" and image.size[0] > 100
+    assert len(work.read_json("adapted/wemoe-curve.json")["losses"]) == 3
+
+    out = tmp_path / "expert"
+    code, stdout, err = rankone_cli("finetune", "-w", work.root, "--task", "alpha", "--data", labeled_data, "--out", out,
+                                    "--steps", "4", "--batch-size", "4", "--plot")
+    assert code == 0, err
+    losses = json.loads((out / "finetune-curve.json").read_text())["losses"]
+    assert len(losses) == 4 and f"loss {losses[0]:.3f} →" in stdout
+    with Image.open(out / "finetune-curve.png") as image:
+        assert image.format == "PNG"
+
+
+def test_build_pool_summary_states_the_kept_energy_range(every_stage_workspace, rankone_cli):
+    code, out, _ = rankone_cli("build-pool", "-w", every_stage_workspace.root, "--k", "3")
+    assert code == 0
+    kept = [value for per_task in metadata(every_stage_workspace.path("pool.safetensors"))["kept_energy"].values() for value in per_task.values()]
+    assert f"kept ‖τ‖² per matrix and task: {min(kept):.3f} to {max(kept):.3f} (mean {sum(kept) / len(kept):.3f})" in out

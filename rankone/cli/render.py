@@ -63,7 +63,9 @@ def kept_energy_table(report: dict[str, Any], k: int) -> Table:
 
 def pool_counts(report: dict[str, Any]) -> list[str]:
     counts, tower = report["counts"], report["tower_parameters"]
+    kept = [fraction for per_task in report["kept_energy"].values() for fraction in per_task.values()]
     return [
+        f"kept ‖τ‖² per matrix and task: {min(kept):.3f} to {max(kept):.3f} (mean {sum(kept) / len(kept):.3f})",
         f"pretrained image tower  {tower:>14,}",
         f"rank-one pool           {counts['pool']:>14,}",
         f"routers                 {counts['routers']:>14,}",
@@ -138,7 +140,7 @@ def stage_summary(step: Step, result: Any) -> list[str]:
         return [f"{row['method']:<18} {row['average']:6.1f}%   {relative(row['parameters'], result['tower_parameters'])}"
                 for row in result["rows"]]
     if name == "build-pool" and "counts" in result:
-        return [f"pool {result['counts']['pool']:,} + routers {result['counts']['routers']:,} parameters "
+        return [pool_counts(result)[0], f"pool {result['counts']['pool']:,} + routers {result['counts']['routers']:,} parameters "
                 f"({result['counts']['total'] / result['tower_parameters']:.4f}× the tower)"]
     if name == "adapt" and "curve" in result:
         return adaptation_lines(result)

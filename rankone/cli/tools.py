@@ -158,7 +158,7 @@ def _finetune(values: dict[str, Any]) -> None:
         result = finetune_expert(
             architecture, base_state, options.task, options.data, options.out, steps=options.steps, lr=options.lr,
             batch_size=options.batch_size, seed=options.seed, templates=template_list, device=resolved, on_step=advance,
-            holdout=options.holdout, eval_data=options.eval_data,
+            holdout=options.holdout, eval_data=options.eval_data, plot=options.plot,
         )
     say(f"fine-tuned {options.task} on {result.images} images ({len(result.classnames)} classes), "
         f"loss {result.losses[0]:.3f} → {sum(result.losses[-20:]) / len(result.losses[-20:]):.3f} (mean of the last 20 steps)")
