@@ -372,7 +372,9 @@ def stage_options(stage: Stage, values: dict[str, Any]) -> tuple[Options, Option
 def run_stage(stage: Stage, workspace: Workspace, options: Options, method_options: Options | None, context: Context) -> Any:
     """Run one stage on `workspace`; a stage other than fetch needs an existing workspace."""
     if not stage.creates_workspace:
-        workspace.manifest()
+        tasks = workspace.tasks
+        # Checked before the work: a folder standing where an output goes would only be found at the commit.
+        workspace.check_writable([path for path in stage.outputs(tasks, options) if not Path(path).is_absolute()])
     return stage.run(workspace, options, method_options, context)
 
 

@@ -403,6 +403,16 @@ class Workspace:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    def check_writable(self, relpaths: list[str]) -> None:
+        """Nothing stands where these files go: no folder at a file's place, no file at a folder's."""
+        for relpath in relpaths:
+            target = self.path(relpath)
+            blocking = next((path for path in (target, *target.parents) if path == self.root or path.exists()), self.root)
+            if blocking == target and target.is_dir():
+                raise RankoneError(f"{target}: is a folder where this stage writes a file; move it out of the workspace")
+            if blocking not in (target, self.root) and not blocking.is_dir():
+                raise RankoneError(f"{blocking}: is a file where this stage needs a folder; move it out of the workspace")
+
     def commit(self, staging: Staging, manifest_updates: dict[str, Any]) -> None:
         """Make a stage's files and its manifest entries visible together.
 
@@ -417,6 +427,8 @@ class Workspace:
         """
         hashes = {relpath: {"sha256": sha256_file(staging.root / relpath), "size": (staging.root / relpath).stat().st_size}
                   for relpath in staging.written}
+        # Once the journal is written the moves must succeed, so anything in their way is refused first.
+        self.check_writable(staging.written)
         with self.locked():
             self._roll_forward()
             manifest = self._read_manifest() if self.exists() else {"format": FORMAT_VERSION, "files": {}}
@@ -446,7 +458,7 @@ class Workspace:
             journal_path.unlink(missing_ok=True)
             return
         for relpath in removed:
-            if relpath not in written:
+            if relpath not in written and not self.path(relpath).is_dir():
                 self.path(relpath).unlink(missing_ok=True)
         for index, relpath in enumerate(written):
             source, target = staging_root / relpath, self.path(relpath)

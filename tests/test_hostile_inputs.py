@@ -236,6 +236,9 @@ TAMPERING = {
     "expert deleted": (lambda ws: (ws / "experts" / "beta.safetensors").unlink(), ["task-vectors", "-w", "DONE"], "experts/beta.safetensors: missing"),
     "task vector replaced by a folder": (_replace_by_folder("task_vectors/gamma.safetensors"), ["merge", "-w", "DONE", "--method", "ties"],
                                          "gamma.safetensors"),
+    "a folder where a report goes": (lambda ws: (ws / "eval" / "rankone.json").mkdir(parents=True), EVAL_RANKONE,
+                                     "eval/rankone.json: is a folder where this stage writes a file"),
+    "a file where a folder goes": (lambda ws: (ws / "eval").write_text("x"), EVAL_RANKONE, "eval: is a file where this stage needs a folder"),
     "routers truncated": (lambda ws: (ws / "adapted" / "rankone.safetensors").write_bytes(b"\0" * 8), EVAL_RANKONE, "adapted/rankone.safetensors"),
 }
 
