@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from rankone import methods
+from rankone.data import DataFolders
 from rankone.errors import RankoneError
 from rankone.evaluate import EvaluationOptions, evaluate, evaluation_inputs, labeled_data_root, write_report
 from rankone.workspace import Workspace, producer_of
@@ -62,7 +63,7 @@ def relative(parameters: int, tower: int) -> str:
 
 def compare(
     workspace: Workspace,
-    data: Path | str | None,
+    data: DataFolders | Path | str | None,
     tasks: Sequence[str] | None = None,
     method_names: Sequence[str] | None = None,
     *,

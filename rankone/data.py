@@ -1,5 +1,8 @@
 """Image folders: labeled `DIR/<task>/<class>/<image>` and unlabeled `DIR/<task>/**/<image>`.
 
+`--data` may name several roots (a task is looked up in each, in order) and `TASK=DIR`
+pairs (DIR is that task's own folder); `DataFolders` holds them.
+
 Class names come from the class folder names (underscores read as spaces) unless the
 caller passes them; then each folder is matched to one of the given names, and the order
 of the given names defines the labels. Files that are not images are skipped and counted.
@@ -7,9 +10,10 @@ of the given names defines the labels. Files that are not images are skipped and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from rankone.errors import RankoneError
+from rankone.options import OptionValue
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 
@@ -48,11 +53,82 @@ def class_key(name: str) -> str:
     return " ".join(name.replace("_", " ").replace("/", " ").lower().split())
 
 
-def _task_folder(root: Path | str, task: str) -> Path:
-    folder = Path(root) / task
-    if not folder.is_dir():
-        raise RankoneError(f"{folder}: no folder for task {task!r} (expected {Path(root)}/<task>/...)")
-    return folder
+@dataclass(frozen=True)
+class DataFolders(OptionValue):
+    """Where each task's images are: its `TASK=DIR` folder when one is given, else ROOT/<task>/
+    in the first root that has it."""
+
+    roots: tuple[Path, ...] = ()
+    pairs: tuple[tuple[str, Path], ...] = ()
+
+    @classmethod
+    def from_option(cls, value: Any, flag: str = "--data") -> DataFolders:
+        """From a folder, a list of folders and `TASK=DIR` pairs, or a {task: folder} mapping."""
+        if isinstance(value, DataFolders):
+            return value
+        if isinstance(value, Mapping):
+            items: list[Any] = [f"{task}={folder}" for task, folder in value.items()]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            items = [value]
+        roots: list[Path] = []
+        pairs: dict[str, Path] = {}
+        for item in items:
+            if not isinstance(item, (str, Path)) or not str(item):
+                raise RankoneError(f"{flag} {item!r}: expected a folder or TASK=DIR")
+            task, sep, folder = str(item).partition("=")
+            # A folder whose name holds `=` stays a folder; a pair's task is a bare name.
+            if isinstance(item, str) and sep and task and "/" not in task and not Path(item).is_dir():
+                if not folder:
+                    raise RankoneError(f"{flag} {item!r}: expected TASK=DIR")
+                if task in pairs:
+                    raise RankoneError(f"{flag}: task {task!r} given twice")
+                pairs[task] = Path(folder)
+            else:
+                roots.append(Path(item))
+        if not roots and not pairs:
+            raise RankoneError(f"{flag}: expected a folder or TASK=DIR")
+        return cls(tuple(roots), tuple(pairs.items()))
+
+    def plain(self) -> str | list[str]:
+        """One root as a string (what a single --data always was), else the list as typed."""
+        if len(self.roots) == 1 and not self.pairs:
+            return str(self.roots[0])
+        return [str(root) for root in self.roots] + [f"{task}={folder}" for task, folder in self.pairs]
+
+    def folders(self) -> list[Path]:
+        return [*self.roots, *(folder for _, folder in self.pairs)]
+
+    def __str__(self) -> str:
+        return ", ".join(self.plain()) if isinstance(self.plain(), list) else self.plain()
+
+    def find(self, task: str) -> Path | None:
+        """The task's folder, or None when no root has one."""
+        for name, folder in self.pairs:
+            if name == task:
+                return folder
+        return next((root / task for root in self.roots if (root / task).is_dir()), None)
+
+    def task_folder(self, task: str) -> Path:
+        folder = self.find(task)
+        if folder is None or not folder.is_dir():
+            shown = folder if folder is not None else " or ".join(str(root / task) for root in self.roots)
+            raise RankoneError(f"{shown}: no folder for task {task!r} (expected DIR/<task>/... or {task}=DIR)")
+        return folder
+
+    def task_names(self) -> list[str]:
+        """Every task that has a folder: the pairs', then each root's subfolders (hidden ones left out)."""
+        names = [task for task, _ in self.pairs]
+        for root in self.roots:
+            if root.is_dir():
+                names += [entry.name for entry in sorted(root.iterdir()) if entry.is_dir() and not entry.name.startswith(".")]
+        return list(dict.fromkeys(names))
+
+
+def data_folders(data: DataFolders | Path | str) -> DataFolders:
+    """`data` as DataFolders (a Path is always one root)."""
+    return DataFolders.from_option(data)
 
 
 def _files_under(folder: Path) -> tuple[list[Path], int]:
@@ -67,14 +143,14 @@ def _files_under(folder: Path) -> tuple[list[Path], int]:
     return images, skipped
 
 
-def labeled_images(root: Path | str, task: str, classnames: Sequence[str] | None = None) -> LabeledImages:
+def labeled_images(root: DataFolders | Path | str, task: str, classnames: Sequence[str] | None = None) -> LabeledImages:
     """Images of `root/<task>/<class>/**` with integer labels.
 
     Without `classnames`, classes are the sorted folder names with `_` read as a space.
     With them, each folder must match one name (see `class_key`); labels follow their order.
     Files directly in the task folder, and non-image files, are skipped and counted.
     """
-    folder = _task_folder(root, task)
+    folder = data_folders(root).task_folder(task)
     class_folders = sorted(path for path in folder.iterdir() if path.is_dir() and not path.name.startswith("."))
     skipped = sum(1 for path in folder.iterdir() if path.is_file())
     if not class_folders:
@@ -105,9 +181,9 @@ def labeled_images(root: Path | str, task: str, classnames: Sequence[str] | None
     return LabeledImages(paths=paths, labels=labels, classnames=names, skipped=skipped, task=task)
 
 
-def unlabeled_images(root: Path | str, task: str) -> ImagePaths:
+def unlabeled_images(root: DataFolders | Path | str, task: str) -> ImagePaths:
     """Every image under `root/<task>/` at any depth, sorted; `.skipped` counts non-image files."""
-    folder = _task_folder(root, task)
+    folder = data_folders(root).task_folder(task)
     images, skipped = _files_under(folder)
     if not images:
         raise RankoneError(f"{folder}: no images for task {task!r} (skipped {skipped} non-image files)")

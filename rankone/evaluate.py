@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from rankone.data import ImageDataset, LabeledImages, check_batch_size, image_loader, labeled_images
+from rankone.data import DataFolders, ImageDataset, LabeledImages, check_batch_size, data_folders, image_loader, labeled_images
 from rankone.errors import RankoneError
 from rankone.heads import HEAD_SOURCES, classify_logits, fusionbench_classnames_and_templates, heads_for_tasks
 from rankone.methods import MethodModel, load_method
@@ -42,7 +42,9 @@ _DTYPE_HELP = "Precision the image encoder runs in: fp32, fp16 or bf16 (heads an
 class EvaluationOptions(Options):
     """What eval and compare share: the labeled images, the heads, the batch and the precision."""
 
-    data: Path | None = option(None, "Labeled test images DIR/<task>/<class>/<image> (default: WORKSPACE/data).",
+    data: DataFolders | None = option(None, "Labeled test images DIR/<task>/<class>/<image> (default: WORKSPACE/data)."
+                                      " Several folders are searched in order for <task>/; TASK=DIR names one task's "
+                                      "own folder. Repeatable.",
                                existing_folder=True)
     tasks: list[str] | None = option(None, "Tasks: --tasks a b, --tasks a,b (default: every workspace task).", comma_separated=True)
     heads_source: str = option("builtin", "builtin (class names from the data folders or files, rankone's templates) or "
@@ -153,12 +155,14 @@ def evaluate(
     return report
 
 
-def labeled_data_root(workspace: Workspace, data: Path | str | None) -> Path:
-    """`--data DIR`, or the workspace's data/ (test splits from `rankone fetch --dataset`); it must be a folder."""
-    root = Path(data) if data is not None else workspace.path("data")
-    if not root.is_dir():
-        raise RankoneError(f"--data {root}: no such folder (fetch test splits with `rankone fetch --dataset`, or pass --data DIR)")
-    return root
+def labeled_data_root(workspace: Workspace, data: DataFolders | Path | str | None) -> DataFolders:
+    """`--data` (folders, TASK=DIR pairs), or the workspace's data/ (test splits from `rankone fetch --dataset`);
+    every folder must exist."""
+    folders = data_folders(data) if data is not None else data_folders(workspace.path("data"))
+    for folder in folders.folders():
+        if not folder.is_dir():
+            raise RankoneError(f"--data {folder}: no such folder (fetch test splits with `rankone fetch --dataset`, or pass --data DIR)")
+    return folders
 
 
 def check_tasks(workspace: Workspace, tasks: Sequence[str]) -> None:
@@ -174,7 +178,7 @@ def check_tasks(workspace: Workspace, tasks: Sequence[str]) -> None:
 def evaluation_inputs(
     workspace: Workspace,
     tasks: Sequence[str],
-    data_root: Path | str,
+    data_root: DataFolders | Path | str,
     *,
     heads_source: str = EvaluationOptions.heads_source,
     classnames: dict[str, list[str]] | None = None,
@@ -232,7 +236,7 @@ def evaluate_workspace(
     workspace: Workspace,
     method: str,
     tasks: Sequence[str] | None,
-    data_root: Path | str,
+    data_root: DataFolders | Path | str,
     *,
     heads_source: str = EvaluationOptions.heads_source,
     classnames: dict[str, list[str]] | None = None,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from rankone.errors import RankoneError
-from rankone.data import ImageDataset, LabeledImages, labeled_images
+from rankone.data import DataFolders, ImageDataset, LabeledImages, labeled_images
 from rankone.evaluate import task_accuracy
 from rankone.heads import classify_logits, logit_scale, template_strings, templates_for, zero_shot_head
 from rankone.models import VISUAL_PREFIX, load_clip, load_visual, open_clip_config, preprocess_for, tokenizer_for
@@ -52,7 +52,8 @@ class FinetuneOptions(Options):
     """
 
     task: str = option(help="Task name: DATA/<task>/<class>/<image> holds its training images.")
-    data: Path = option(help="Labeled training images, DATA/<task>/<class>/<image>.")
+    data: DataFolders = option(help="Labeled training images, DATA/<task>/<class>/<image> (several folders are searched "
+                               "in order; TASK=DIR names the task's own folder).", existing_folder=True)
     out: Path = option(help="New folder for the expert (open_clip_config.json + open_clip_model.safetensors).")
     base: str | None = option(None, "Pretrained CLIP SOURCE (as for `rankone fetch`); default: the workspace's base.", metavar="SOURCE")
     steps: int = option(2000, "Adam steps (FusionBench's ViT-B/32 recipe; the built-in example's experts used 600).", low=1)
@@ -64,7 +65,8 @@ class FinetuneOptions(Options):
     holdout: float = option(0.1, "Fraction of --data's images kept out of training (seeded) to report zero-shot and "
                             "fine-tuned accuracy on; ignored with --eval-data; 0: train on all, report nothing.",
                             low=0.0, high=1.0, high_open=True)
-    eval_data: Path | None = option(None, "Labeled images to report accuracy on instead, EVAL_DATA/<task>/<class>/<image>.",
+    eval_data: DataFolders | None = option(None, "Labeled images to report accuracy on instead, EVAL_DATA/<task>/<class>/<image> "
+                                           "(or TASK=DIR).",
                                     existing_folder=True)
     plot: bool = option(False, "Also draw the loss curve as OUT/finetune-curve.png (needs matplotlib).")
     trust_pickle: bool = option(False, "Allow a pickle base (.bin/.pt), read with torch.load(weights_only=True).")
@@ -194,7 +196,7 @@ def finetune_expert(
     architecture: dict[str, Any],
     base_state: dict[str, torch.Tensor],
     task: str,
-    data: Path | str,
+    data: DataFolders | Path | str,
     out: Path | str,
     steps: int = FinetuneOptions.steps,
     lr: float = FinetuneOptions.lr,
@@ -205,7 +207,7 @@ def finetune_expert(
     device: torch.device | str = "cpu",
     on_step: Callable[[int, float], None] | None = None,
     holdout: float = FinetuneOptions.holdout,
-    eval_data: Path | str | None = None,
+    eval_data: DataFolders | Path | str | None = None,
     plot: bool = False,
 ) -> FinetuneResult:
     """What `rankone finetune` does: fine-tune on `data/<task>/<class>/*` against the task's

@@ -47,6 +47,8 @@ class Declared:
     existing_folder: bool = False
     # A list of names that may also be given comma-separated (`--tasks a,b`).
     comma_separated: bool = False
+    # Also takes `auto` (AUTO), resolved by the stage that runs (`--lambda auto`).
+    auto: bool = False
 
 
 def option(default: Any = MISSING, help: str = "", *, default_factory: Callable[[], Any] | None = None, **declared: Any) -> Any:
@@ -55,6 +57,23 @@ def option(default: Any = MISSING, help: str = "", *, default_factory: Callable[
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+class OptionValue:
+    """A value type an option may have besides the plain ones: it parses itself from what a flag
+    (repeatable, so a list of strings) or a YAML file (a string, a list or a mapping) gives, and
+    says itself back as JSON-ready data, which `plain` also serves for the manifest and the CLI."""
+
+    @classmethod
+    def from_option(cls, value: Any, flag: str) -> "OptionValue":
+        raise NotImplementedError
+
+    def plain(self) -> Any:
+        raise NotImplementedError
+
+    def folders(self) -> list[Path]:
+        """The folders the value names (what `existing_folder` checks)."""
+        return []
 
 
 @dataclass(frozen=True)
@@ -126,6 +145,8 @@ def check_value(info: OptionInfo, value: Any) -> Any:
         if optional:
             return None
         raise RankoneError(f"{info.flag}: a value is required")
+    if info.declared.auto and value == AUTO:
+        return AUTO
     if isinstance(value, str) and info.declared.parse is not None and base is not str:
         value = info.declared.parse(value)
         if value is None and optional:
@@ -162,6 +183,8 @@ def _coerce(info: OptionInfo, base: Any, value: Any) -> Any:
         if isinstance(value, str):
             return value
         raise RankoneError(f"{info.flag} {value!r}: expected text")
+    if isinstance(base, type) and issubclass(base, OptionValue):
+        return value if isinstance(value, base) else base.from_option(value, info.flag)
     if base is Path:
         if isinstance(value, (str, Path)) and str(value):
             return Path(value)
@@ -220,6 +243,8 @@ class Options:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, OptionValue):
+        return value.plain()
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, dict):
@@ -240,10 +265,27 @@ DEFAULT_LAMBDA = 0.3
 ADAPTATION_LR = 1e-4
 
 
-def lambda_option(help: str = "Scale λ of the merged task vector: θ0 + λ·merged.") -> Any:
-    """λ, 0.3 by default, for every method that scales a merged task vector."""
+AUTO = "auto"
+
+
+def parse_lambda(text: str) -> float | str:
+    """`--lambda` as typed: a number, or `auto`."""
+    if text == AUTO:
+        return AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise RankoneError(f"--lambda {text!r}: expected a number or {AUTO}") from None
+
+
+def lambda_option(help: str = "Scale λ of the merged task vector: θ0 + λ·merged.", auto: bool = False) -> Any:
+    """λ, 0.3 by default, for every method that scales a merged task vector; with `auto`, it also takes `auto`
+    (the label-free rule of `rankone.label_free`, run by `merge` and `build-pool` on their --data)."""
     # Any finite λ: a negative one subtracts task vectors (forgetting a task), as before.
-    return option(DEFAULT_LAMBDA, help, key="lambda")
+    if not auto:
+        return option(DEFAULT_LAMBDA, help, key="lambda")
+    return option(DEFAULT_LAMBDA, help + " `auto`: the λ of a grid whose task-arithmetic merge has the lowest mean "
+                  "prediction entropy on --data's unlabeled images.", key="lambda", auto=True, parse=parse_lambda, metavar="λ|auto")
 
 
 def learning_rate_option(default: float = ADAPTATION_LR) -> Any:

@@ -52,11 +52,12 @@ from rankone.errors import RankoneError
 from rankone.evaluate import EvaluationOptions, check_tasks, evaluate_workspace, labeled_data_root
 from rankone.export import ExportOptions, export_method, export_outputs
 from rankone.heads import read_lines
+from rankone.label_free import LambdaRuleOptions, resolve_lambda
 from rankone.methods.merging import merge_step_count
 from rankone.methods.rankone import PoolOptions, build_pool_stage
 from rankone.methods.rankone.pool import POOL_FILE
 from rankone.models import resolve_device
-from rankone.options import Options, OptionInfo, check_value, option, parse_pairs
+from rankone.options import Options, OptionInfo, OptionValue, check_value, option, parse_pairs
 from rankone.sources import fetch, preset as preset_sources
 from rankone.task_vectors import ANALYSIS_FILE, compute_task_vectors, task_vector_path
 from rankone.training import AdaptOptions, curve_path
@@ -132,8 +133,16 @@ class TaskVectorsOptions(Options):
 
 
 @dataclass(frozen=True, kw_only=True)
-class MergeOptions(Options):
+class MergeOptions(LambdaRuleOptions):
     method: str = option(help="Static merge: " + ", ".join(methods.names("static")) + ".")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildPoolOptions(PoolOptions, LambdaRuleOptions):
+    """build-pool's options: the pool's own, and what `--lambda auto` reads."""
+
+    def pool_options(self) -> PoolOptions:
+        return PoolOptions(**{info.name: getattr(self, info.name) for info in PoolOptions.options()})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,16 +221,20 @@ def _run_task_vectors(workspace: Workspace, options: TaskVectorsOptions, method_
         return compute_task_vectors(workspace, plot=options.plot, progress=advance)
 
 
-def _run_build_pool(workspace: Workspace, options: PoolOptions, method_options: None, context: Context) -> dict:
+def _run_build_pool(workspace: Workspace, options: BuildPoolOptions, method_options: None, context: Context) -> dict:
+    pool_options, rule = resolve_lambda(workspace, options.pool_options(), options, context.device, context.note)
     with context.bar("SVD", 2 * int(workspace.architecture["vision_cfg"]["layers"])) as advance:
-        report = build_pool_stage(workspace, options, progress=advance, device=context.device)
-    return {"kept_energy": report.kept_energy, "tower_parameters": report.tower_parameters, "counts": report.counts}
+        report = build_pool_stage(workspace, pool_options, progress=advance, device=context.device)
+    return {"kept_energy": report.kept_energy, "tower_parameters": report.tower_parameters, "counts": report.counts,
+            **({"lambda_rule": rule} if rule else {})}
 
 
 def _run_merge(workspace: Workspace, options: MergeOptions, method_options: Options, context: Context) -> dict:
+    method_options, rule = resolve_lambda(workspace, method_options, options, context.device, context.note)
     with context.bar(f"merge {options.method}", merge_step_count(workspace.architecture)) as advance:
-        return methods.merging.merge_workspace(workspace, methods.get(options.method, "static"), method_options,
-                                               device=context.device, progress=advance)
+        record = methods.merging.merge_workspace(workspace, methods.get(options.method, "static"), method_options,
+                                                 device=context.device, progress=advance)
+    return {**record, **({"lambda_rule": rule} if rule else {})}
 
 
 def _run_adapt(workspace: Workspace, options: AdaptStageOptions, method_options: Options, context: Context) -> dict:
@@ -333,7 +346,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           lambda tasks, options: [*(task_vector_path(task) for task in tasks), ANALYSIS_FILE],
           lambda tasks, options: ["base.safetensors", *(f"experts/{task}.safetensors" for task in tasks)]),
     Stage("build-pool", "Split every MLP task vector into its top-k rank-one experts; merge the rest statically.",
-          PoolOptions, _run_build_pool, lambda tasks, options: [POOL_FILE],
+          BuildPoolOptions, _run_build_pool, lambda tasks, options: [POOL_FILE],
           lambda tasks, options: ["base.safetensors", *(task_vector_path(task) for task in tasks)]),
     Stage("merge", "Merge the task vectors statically into one image tower: merged/<method>.safetensors.",
           MergeOptions, _run_merge, _method_output, _method_inputs, method_kind="static"),
@@ -589,8 +602,10 @@ def _step(stage: Stage, values: dict[str, Any], paths: dict[str, tuple], stage_a
         culprit = next((paths[key] for key in values if message.startswith(flags[key])), None)
         raise fail(culprit or paths.get("method") or stage_at, message) from None
     for info in stage.options.options():
-        if info.declared.existing_folder and getattr(options, info.name) is not None:
-            folder = Path(getattr(options, info.name))
+        value = getattr(options, info.name)
+        if not info.declared.existing_folder or value is None:
+            continue
+        for folder in value.folders() if isinstance(value, OptionValue) else [Path(value)]:
             # A folder inside the workspace (data/ from a fetch with datasets) is written by an earlier stage.
             inside = folder.resolve().is_relative_to(workspace.resolve())
             if not inside and not folder.is_dir():

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from rankone.data import ImageDataset, labeled_images, unlabeled_images
+from rankone.data import DataFolders, ImageDataset, data_folders, labeled_images, unlabeled_images
 from rankone.errors import RankoneError
 from rankone.heads import HEAD_SOURCES, classify_logits, fusionbench_classnames_and_templates, heads_for_tasks, read_lines
 from rankone.models import preprocess_for
@@ -192,7 +192,8 @@ def _progress(enabled: bool):
 class AdaptOptions(Options):
     """The adapt stage's options, shared by every adaptive method (each adds its own, such as the lr)."""
 
-    data: Path = option(help="Unlabeled images, DATA/<task>/**/<image>.", existing_folder=True)
+    data: DataFolders = option(help="Unlabeled images, DATA/<task>/**/<image>. Several folders are searched in order "
+                               "for <task>/; TASK=DIR names one task's own folder. Repeatable.", existing_folder=True)
     steps: int = option(1000, "Adam steps (each sees one batch of every task).", low=0)
     batch_size: int = option(16, "Images per task per step.", low=1)
     seed: int = seed_option("Seed for the initialisation (routers, coefficients) and the data order.")
@@ -201,7 +202,8 @@ class AdaptOptions(Options):
     resume: bool = option(False, "Continue from the last checkpoint.")
     heads_source: str = option("builtin", "builtin (class names from the data folders or files, rankone's templates) or "
                                "fusionbench (FusionBench's lists; needed for its checkpoints).", choices=HEAD_SOURCES)
-    classnames_from: Path | None = option(None, "Labeled folder DIR/<task>/<class>/ to take class names from.", existing_folder=True)
+    classnames_from: DataFolders | None = option(None, "Labeled folder DIR/<task>/<class>/ to take class names from "
+                                                 "(several, or TASK=DIR, as for --data).", existing_folder=True)
     classnames: dict[str, str] = option(help="TASK=FILE, one class name per line; repeatable.", default_factory=dict, metavar="TASK=FILE")
     templates: dict[str, str] = option(help="TASK=FILE, one template with {} per line; repeatable.", default_factory=dict, metavar="TASK=FILE")
     workers: int = option(0, "Image-loading worker processes.", low=0)
@@ -325,8 +327,9 @@ def selected_tasks(known: list[str], tasks: list[str] | None) -> list[str]:
     return list(tasks)
 
 
-def _folder_classnames(root: Path, task: str) -> list[str] | None:
-    if not (root / task).is_dir():
+def _folder_classnames(root: DataFolders | Path, task: str) -> list[str] | None:
+    root = data_folders(root)
+    if root.find(task) is None:
         return None
     return list(labeled_images(root, task).classnames)
 
@@ -338,7 +341,7 @@ def head_requests(
     workspace: Workspace,
     tasks: list[str],
     heads_source: str = AdaptOptions.heads_source,
-    classnames_from: Path | None = None,
+    classnames_from: DataFolders | Path | None = None,
     classnames: dict[str, str] | None = None,
     templates: dict[str, str] | None = None,
 ) -> HeadRequests:
@@ -356,8 +359,11 @@ def head_requests(
         unknown = [task for task in given if task not in tasks]
         if unknown:
             raise RankoneError(f"{flag}: task {unknown[0]!r} is not among {', '.join(tasks)}")
-    if classnames_from is not None and not classnames_from.is_dir():
-        raise RankoneError(f"--classnames-from {classnames_from}: not a folder")
+    if classnames_from is not None:
+        classnames_from = data_folders(classnames_from)
+        for folder in classnames_from.folders():
+            if not folder.is_dir():
+                raise RankoneError(f"--classnames-from {folder}: not a folder")
     requests: HeadRequests = {}
     for task in tasks:
         names, task_templates = None, None
@@ -383,23 +389,26 @@ def task_heads(workspace: Workspace, requests: HeadRequests, device: torch.devic
     return {task: head.to(device) for task, head in heads_for_tasks(workspace, requests, device).items()}
 
 
-def unlabeled_sets(data: Path, tasks: list[str], transform, known: list[str] | None = None,
+def unlabeled_sets(data: DataFolders | Path, tasks: list[str], transform, known: list[str] | None = None,
                    note: Callable[[str], None] = lambda line: None) -> dict[str, Dataset]:
-    """One dataset of unlabeled images per task from DATA/<task>/.
+    """One dataset of unlabeled images per task from DATA/<task>/ (the first root that has it) or its TASK=DIR.
 
-    A task without a folder is an error, and so is a folder that is no task of the model
-    (`known`, default `tasks`); folders of known tasks left out with --tasks are skipped.
+    A task without a folder is an error, and so is a root's folder that is no task of the
+    model (`known`, default `tasks`); folders of known tasks left out with --tasks are skipped.
     """
-    if not data.is_dir():
-        raise RankoneError(f"--data {data}: not a folder")
-    present = sorted(entry.name for entry in data.iterdir() if entry.is_dir() and not entry.name.startswith("."))
-    missing = [task for task in tasks if task not in present]
+    data = data_folders(data)
+    for folder in data.folders():
+        if not folder.is_dir():
+            raise RankoneError(f"--data {folder}: not a folder")
+    missing = [task for task in tasks if data.find(task) is None]
     if missing:
-        raise RankoneError(f"--data {data}: no images for task {missing[0]} (expected {data / missing[0]}/)")
-    extra = [name for name in present if name not in (known or tasks)]
-    if extra:
-        raise RankoneError(f"--data {data}: folder {extra[0]}/ has images but no head (the model's tasks: "
-                           f"{', '.join(known or tasks)}); move it out of {data}")
+        expected = " or ".join(f"{root / missing[0]}/" for root in data.roots) or f"{missing[0]}=DIR"
+        raise RankoneError(f"--data {data}: no images for task {missing[0]} (expected {expected})")
+    for root in data.roots:
+        extra = [name for name in DataFolders((root,)).task_names() if name not in (known or tasks)]
+        if extra:
+            raise RankoneError(f"--data {root}: folder {extra[0]}/ has images but no head (the model's tasks: "
+                               f"{', '.join(known or tasks)}); move it out of {root}")
     datasets = {}
     for task in tasks:
         images = unlabeled_images(data, task)

@@ -20,7 +20,7 @@ import typer
 
 from rankone import methods
 from rankone.cli.app import DEFAULT_WORKSPACE, DeviceOption, WorkspaceOption
-from rankone.options import Options, OptionInfo, base_type
+from rankone.options import Options, OptionInfo, OptionValue, base_type
 from rankone.pipeline import Stage
 
 KEYWORD = inspect.Parameter.KEYWORD_ONLY
@@ -29,7 +29,7 @@ KEYWORD = inspect.Parameter.KEYWORD_ONLY
 def _cli_type(info: OptionInfo, optional: bool) -> Any:
     """The type typer parses the flag as; our own checks (ranges, choices, `off`) run afterwards."""
     base, _ = base_type(info.type)
-    if typing.get_origin(base) in (list, dict):
+    if typing.get_origin(base) in (list, dict) or (isinstance(base, type) and issubclass(base, OptionValue)):
         return Optional[list[str]]
     if info.declared.parse is not None:
         base = str

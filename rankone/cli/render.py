@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from rankone.compare import relative
-from rankone.options import OptionInfo
+from rankone.options import OptionInfo, OptionValue
 from rankone.pipeline import PlannedStep, Step
 from rankone.workspace import Workspace
 
@@ -178,6 +178,8 @@ def command_arguments(step: Step, workspace: Path, device: str) -> list[str]:
 def _flag_arguments(info: OptionInfo, value: Any) -> list[str]:
     if value == info.default or value is None:
         return []
+    if isinstance(value, OptionValue):
+        value = value.plain()
     if isinstance(value, bool):
         return [info.flag] if value else []
     if isinstance(value, dict):

@@ -89,7 +89,7 @@ DETAILS = {
 
 
 def context(device: str) -> pipeline.Context:
-    return pipeline.Context(device=resolve_device(device), bar=step_bar, note=lambda line: error_console.print(line, highlight=False, markup=False))
+    return pipeline.Context(device=resolve_device(device), bar=step_bar, note=lambda line: error_console.print(line, highlight=False, markup=False, soft_wrap=True))
 
 
 def _tasks_with_extra_words(values: dict[str, Any], command: str) -> None:
@@ -141,7 +141,7 @@ def _build_pool(values: dict[str, Any]) -> None:
 
 def _merge(values: dict[str, Any]) -> None:
     workspace, record = run_command("merge", values)
-    settings = ", ".join(f"{name} {value}" for name, value in record.items() if name != "method")
+    settings = ", ".join(f"{name} {value}" for name, value in record.items() if name not in ("method", "lambda_rule"))
     written = workspace.path(methods.get(record["method"]).output)
     say(f"wrote {written}" + (f" ({settings})" if settings else ""))
 

@@ -21,16 +21,16 @@ from typing import Any
 
 import torch
 
+from rankone import label_free
 from rankone.data import ImageDataset, labeled_images, unlabeled_images
 from rankone.errors import RankoneError
 from rankone.examples.zoo import Zoo, build_zoo, recipe
-from rankone.heads import classify_logits, logit_scale, template_strings, templates_for, zero_shot_head
-from rankone.methods.base import visual_encoder
+from rankone.label_free import IMAGES_PER_TASK
+from rankone.heads import logit_scale, template_strings, templates_for, zero_shot_head
 from rankone.models import load_clip, preprocess_for, tokenizer_for, visual_state
 from rankone.pipeline import Pipeline, Step, load_pipeline
 from rankone.sources import load_source
 from rankone.task_vectors import task_vector
-from rankone.training import batch_entropy
 from rankone.workspace import Workspace
 
 PIPELINE_FILES = {"full": "demo.yaml", "quick": "demo-quick.yaml"}
@@ -43,11 +43,12 @@ def pipeline_file(example: str) -> Path:
     return Path(str(resources.files("rankone.examples") / PIPELINE_FILES[example]))
 
 
-def lambda_entropies(zoo: Zoo, grid: tuple[float, ...], device: torch.device | str = "cpu", limit: int = 128) -> dict[float, float]:
-    """Mean prediction entropy of task arithmetic at each λ of `grid` over each task's unlabeled images.
+def lambda_entropies(zoo: Zoo, grid: tuple[float, ...], device: torch.device | str = "cpu", limit: int = IMAGES_PER_TASK) -> dict[float, float]:
+    """`label_free.lambda_entropies` (the `--lambda auto` rule) over each task's unlabeled images, from the zoo's own files.
 
-    Read from the zoo's own files (base, experts, unlabeled split, class names of the
-    fine-tuning split), so the rule needs no workspace and no test label.
+    Read from the zoo's base, experts, unlabeled split and the class names of its fine-tuning
+    split, so the rule needs no workspace (the pipeline file's `${LAMBDA}` is needed before
+    there is one) and no test label.
     """
     base = load_source(str(zoo.base))
     architecture, base_state = base.architecture, base.state_dict
@@ -63,18 +64,8 @@ def lambda_entropies(zoo: Zoo, grid: tuple[float, ...], device: torch.device | s
     images = {}
     for task in zoo.tasks:
         dataset = ImageDataset(unlabeled_images(zoo.data("unlabeled"), task)[:limit], None, transform)
-        images[task] = torch.stack([dataset[i] for i in range(len(dataset))]).to(device)
-    entropies = {}
-    for lam in grid:
-        merged = {key: value.clone() for key, value in tower.items()}
-        for vector in task_vectors:
-            for key, value in vector.items():
-                merged[key] += lam * value
-        encoder = visual_encoder(architecture, merged, device)
-        with torch.no_grad():
-            per_task = [float(batch_entropy(classify_logits(encoder(images[task]), heads[task]))) for task in zoo.tasks]
-        entropies[lam] = sum(per_task) / len(per_task)
-    return entropies
+        images[task] = torch.stack([dataset[i] for i in range(len(dataset))])
+    return label_free.lambda_entropies(architecture, tower, task_vectors, heads, images, grid, device)
 
 
 @dataclass
@@ -91,7 +82,7 @@ class Example:
 
     @property
     def lam(self) -> float:
-        return min(self.entropies, key=self.entropies.get)
+        return label_free.choose_lambda(self.entropies)
 
     def variables(self) -> dict[str, str]:
         return {"ZOO": str(self.zoo.root), "LAMBDA": f"{self.lam:g}"}

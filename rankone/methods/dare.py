@@ -10,7 +10,7 @@ from rankone.options import Options, lambda_option, option, seed_option
 
 @dataclass(frozen=True)
 class DareOptions(Options):
-    lam: float = lambda_option()
+    lam: float = lambda_option(auto=True)
     drop: float = option(0.9, "Probability of dropping each entry.", low=0.0, high=1.0, high_open=True)
     seed: int = seed_option("Seed of the random drops.")
 

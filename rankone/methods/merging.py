@@ -31,7 +31,7 @@ import torch
 from rankone.errors import RankoneError
 from rankone.methods.base import Method, MethodModel, pretrained_tower, register, visual_encoder
 from rankone.models import VISUAL_PREFIX, build_visual, count_parameters, visual_state
-from rankone.options import Options
+from rankone.options import AUTO, Options
 from rankone.task_vectors import load_task_vectors
 from rankone.workspace import Workspace
 
@@ -216,6 +216,9 @@ def generalized(steps: MergeSteps) -> Callable[..., dict[str, torch.Tensor]]:
     """A `merge` function for one row of the table: reads lam, top, drop and seed from the options it has."""
 
     def merge(task_vectors: list[dict[str, torch.Tensor]], options: Options, progress: Progress = None) -> dict[str, torch.Tensor]:
+        if getattr(options, "lam", None) == AUTO:
+            raise RankoneError(f"--lambda {AUTO}: resolved by the merge stage from unlabeled images (rankone merge --lambda auto "
+                               "--data DIR, or rankone.label_free.workspace_lambda); give a number here")
         return generalized_merge(
             task_vectors, steps, lam=getattr(options, "lam", 0.0), top=getattr(options, "top", 1.0),
             drop=getattr(options, "drop", 0.0), seed=getattr(options, "seed", 0), progress=progress,

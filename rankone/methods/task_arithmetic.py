@@ -10,7 +10,7 @@ from rankone.options import Options, lambda_option
 
 @dataclass(frozen=True)
 class TaskArithmeticOptions(Options):
-    lam: float = lambda_option()
+    lam: float = lambda_option(auto=True)
 
 
 METHOD = static_merge(

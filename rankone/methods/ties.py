@@ -10,7 +10,7 @@ from rankone.options import Options, lambda_option, option
 
 @dataclass(frozen=True)
 class TiesOptions(Options):
-    lam: float = lambda_option()
+    lam: float = lambda_option(auto=True)
     top: float = option(0.2, "Fraction of largest-magnitude entries kept per tensor.", low=0.0, high=1.0, low_open=True)
 
 

@@ -33,7 +33,7 @@ class PoolOptions(Options):
     """`rankone build-pool`: how many experts each task keeps and the static part's λ."""
 
     k: int = option(32, "Rank-one experts kept per task and MLP matrix.", low=1)
-    lam: float = lambda_option("λ of the static part θ0 + λΣτ (and the routers' initial bias).")
+    lam: float = lambda_option("λ of the static part θ0 + λΣτ (and the routers' initial bias).", auto=True)
     svd: str = option(SVD_METHODS[0], "exact (torch.linalg.svd) or randomized (block Krylov, 3 iterations; within 0.1% of the "
                       "exact kept energy on decaying spectra).", choices=SVD_METHODS)
 
