@@ -26,6 +26,7 @@ test: install
 
 bench: install
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/startup.py
 
 clean:
 	rm -rf $(VENV) rankone-work .pytest_cache

@@ -60,6 +60,7 @@ class DataFolders(OptionValue):
 
     roots: tuple[Path, ...] = ()
     pairs: tuple[tuple[str, Path], ...] = ()
+    metavar = "DIR|TASK=DIR"
 
     @classmethod
     def from_option(cls, value: Any, flag: str = "--data") -> DataFolders:

@@ -24,11 +24,12 @@ from torch.utils.data import DataLoader, Dataset
 from rankone.errors import RankoneError
 from rankone.data import DataFolders, ImageDataset, LabeledImages, labeled_images
 from rankone.evaluate import task_accuracy
-from rankone.heads import classify_logits, logit_scale, template_strings, templates_for, zero_shot_head
+from rankone.heads import classify_logits, logit_scale, template_strings, zero_shot_head
 from rankone.models import VISUAL_PREFIX, load_clip, load_visual, open_clip_config, preprocess_for, tokenizer_for
 from rankone.options import Options, option, seed_option
 from rankone.plots import plot_curves, require_matplotlib
 from rankone.sources import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, check_base, load_source
+from rankone.templates import templates_for
 from rankone.workspace import Workspace, save_tensors_atomic, staging_folder, write_json_atomic
 
 

@@ -1,4 +1,4 @@
-"""Zero-shot classification heads: template tables, the heads themselves, their cache.
+"""Zero-shot classification heads: the heads themselves and their cache (the template tables are in `rankone.templates`).
 
 The method: a head is a (classes × embed_dim) matrix. For each class, every template is filled
 with the class name, embedded by the pretrained text tower and L2-normalised; the
@@ -26,8 +26,6 @@ import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -35,48 +33,12 @@ import torch.nn.functional as F
 
 from rankone.errors import RankoneError
 from rankone.models import load_clip, open_clip, tokenizer_for
+from rankone.templates import HEAD_FORMAT, canonical_task, templates_for
 from rankone.workspace import Staging, Workspace
 
 HEADS_DIR = "heads"
-GENERIC = "generic"
 HEAD_TENSOR = "head"
 HEAD_SOURCES = ("builtin", "fusionbench")
-# Short names users type for tasks whose canonical (FusionBench) names are long.
-ALIASES = {
-    "cars": "stanford-cars",
-    "flowers": "oxford_flowers102",
-    "flowers102": "oxford_flowers102",
-    "pets": "oxford-iiit-pet",
-    "oxford-pets": "oxford-iiit-pet",
-    "sst2": "rendered-sst2",
-    "emnist": "emnist_letters",
-}
-
-
-def _normalized(name: str) -> str:
-    return name.strip().lower().replace("_", "-").replace(" ", "-")
-
-
-@lru_cache(maxsize=1)
-def template_table() -> dict[str, list[str]]:
-    """The built-in template sets, keyed by FusionBench task name (plus `generic`)."""
-    text = resources.files("rankone").joinpath("templates.json").read_text(encoding="utf-8")
-    return {name: list(templates) for name, templates in json.loads(text).items() if not name.startswith("_")}
-
-
-def canonical_task(task: str) -> str | None:
-    """The built-in table's name for `task` (`_`/`-`/case-insensitive, short aliases), or None."""
-    wanted = _normalized(ALIASES.get(_normalized(task), task))
-    for name in template_table():
-        if name != GENERIC and _normalized(name) == wanted:
-            return name
-    return None
-
-
-def templates_for(task: str) -> list[str]:
-    """The built-in templates for `task`; the `generic` set for a task the table lacks."""
-    table = template_table()
-    return list(table[canonical_task(task) or GENERIC])
 
 
 def template_strings(templates: Sequence[str | Callable[[str], str]], source: str = "templates") -> list[str]:
@@ -155,10 +117,6 @@ def zero_shot_head(
 def classify_logits(image_embeddings: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
     """normalize(embedding) @ headᵀ; the head carries the logit scale."""
     return F.normalize(image_embeddings.float(), dim=-1) @ head.to(image_embeddings.device).float().T
-
-
-# Bumped when what a head file holds changes (2: rows carry the logit scale), so older cached heads are rebuilt.
-HEAD_FORMAT = 2
 
 
 def head_key(base_sha256: str, classnames: Sequence[str], templates: Sequence[str]) -> str:

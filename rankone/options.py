@@ -64,6 +64,8 @@ class OptionValue:
     (repeatable, so a list of strings) or a YAML file (a string, a list or a mapping) gives, and
     says itself back as JSON-ready data, which `plain` also serves for the manifest and the CLI."""
 
+    metavar: str | None = None  # how `--help` shows the value
+
     @classmethod
     def from_option(cls, value: Any, flag: str) -> "OptionValue":
         raise NotImplementedError
@@ -262,6 +264,8 @@ class NoOptions(Options):
 # ---- option fields several classes declare the same way ---------------------------------
 
 DEFAULT_LAMBDA = 0.3
+# The workspace every command reads and writes when -w is not given.
+DEFAULT_WORKSPACE = Path("rankone-work")
 ADAPTATION_LR = 1e-4
 
 

@@ -57,13 +57,12 @@ from rankone.methods.merging import merge_step_count
 from rankone.methods.rankone import PoolOptions, build_pool_stage
 from rankone.methods.rankone.pool import POOL_FILE
 from rankone.models import resolve_device
-from rankone.options import Options, OptionInfo, OptionValue, check_value, option, parse_pairs
+from rankone.options import DEFAULT_WORKSPACE, Options, OptionInfo, OptionValue, check_value, option, parse_pairs
 from rankone.sources import fetch, preset as preset_sources
 from rankone.task_vectors import ANALYSIS_FILE, compute_task_vectors, task_vector_path
 from rankone.training import AdaptOptions, curve_path
 from rankone.workspace import Workspace, producer_of, sha256_file
 
-DEFAULT_WORKSPACE = Path("rankone-work")
 RECORD_KEY = "pipeline"
 RECORD_FORMAT = 1
 
@@ -169,8 +168,7 @@ class CompareOptions(EvaluationOptions):
 class Stage:
     """One pipeline stage: a CLI command and a YAML stage name."""
 
-    name: str
-    summary: str
+    name: str  # its one-line summary is in rankone.cli.catalog, which `rankone --help` reads without importing torch
     options: type[Options]
     run: Callable[..., Any]  # (workspace, options, method options or None, context) → a JSON-ready result
     # (workspace tasks, options) → the files the stage writes (relative to the workspace, or absolute outside it).
@@ -339,28 +337,20 @@ def _eval_inputs(tasks: list[str], options: Options) -> list[str]:
 
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
-    Stage("fetch", "Fetch the base CLIP and the fine-tuned experts into a workspace, in open_clip's layout.",
-          FetchOptions, _run_fetch, _fetch_outputs, creates_workspace=True),
-    Stage("task-vectors", "Compute task vectors τ = θt − θ0 and where fine-tuning moved the weights.",
-          TaskVectorsOptions, _run_task_vectors,
+    Stage("fetch", FetchOptions, _run_fetch, _fetch_outputs, creates_workspace=True),
+    Stage("task-vectors", TaskVectorsOptions, _run_task_vectors,
           lambda tasks, options: [*(task_vector_path(task) for task in tasks), ANALYSIS_FILE],
           lambda tasks, options: ["base.safetensors", *(f"experts/{task}.safetensors" for task in tasks)]),
-    Stage("build-pool", "Split every MLP task vector into its top-k rank-one experts; merge the rest statically.",
-          BuildPoolOptions, _run_build_pool, lambda tasks, options: [POOL_FILE],
+    Stage("build-pool", BuildPoolOptions, _run_build_pool, lambda tasks, options: [POOL_FILE],
           lambda tasks, options: ["base.safetensors", *(task_vector_path(task) for task in tasks)]),
-    Stage("merge", "Merge the task vectors statically into one image tower: merged/<method>.safetensors.",
-          MergeOptions, _run_merge, _method_output, _method_inputs, method_kind="static"),
-    Stage("adapt", "Train an adaptive method on unlabeled test images by entropy minimisation.",
-          AdaptStageOptions, _run_adapt, _method_output, _method_inputs, method_kind="adaptive"),
-    Stage("eval", "Top-1 accuracy of a method on each task's labeled test images; writes eval/<method>.json.",
-          EvalOptions, _run_eval, lambda tasks, options: [f"eval/{options.method}.json"], _eval_inputs, method_kind="any"),
-    Stage("compare", "Evaluate every method the workspace can run, like the paper's Table 1.",
-          CompareOptions, _run_compare,
+    Stage("merge", MergeOptions, _run_merge, _method_output, _method_inputs, method_kind="static"),
+    Stage("adapt", AdaptStageOptions, _run_adapt, _method_output, _method_inputs, method_kind="adaptive"),
+    Stage("eval", EvalOptions, _run_eval, lambda tasks, options: [f"eval/{options.method}.json"], _eval_inputs, method_kind="any"),
+    Stage("compare", CompareOptions, _run_compare,
           # It rewrites the eval report of every method it evaluates, so an earlier eval's report is compare's now.
           lambda tasks, options: ["compare.json", "compare.md", *(f"eval/{name}.json" for name in options.methods or methods.names())],
           lambda tasks, options: ["base.safetensors"]),
-    Stage("export", "Write a method's model as one self-contained folder.",
-          ExportOptions, _run_export,
+    Stage("export", ExportOptions, _run_export,
           lambda tasks, options: export_outputs(options),
           _eval_inputs, method_kind="any", needs_export=True),
 )}

@@ -12,7 +12,7 @@ import torch
 
 from rankone.data import labeled_images, unlabeled_images
 from rankone.errors import RankoneError
-from rankone.examples import suite, zoo
+from rankone.examples import recipes, suite, zoo
 from rankone.sources import load_source
 
 SMALL = {"pretrain": 12, "finetune": 12, "test": 12, "unlabeled": 6}
@@ -31,7 +31,7 @@ def test_at_least_five_tasks_with_different_label_spaces():
     assert len(suite.TASKS) >= 5
     label_spaces = [set(task.classnames) for task in suite.TASKS.values()]
     assert all(not (a & b) for a, b in itertools.combinations(label_spaces, 2))
-    assert zoo.FULL_RECIPE["tasks"] == list(suite.TASKS)
+    assert recipes.FULL_RECIPE["tasks"] == list(suite.TASKS)
 
 
 def test_same_seed_same_bytes_other_seed_other_images():
@@ -56,9 +56,9 @@ def test_splits_are_disjoint_and_images_are_32px_rgb(task):
 
 
 def test_digit_source_images_are_partitioned():
-    partition = suite._digit_partition(0, zoo.FULL_RECIPE["sizes"])
+    partition = suite._digit_partition(0, recipes.FULL_RECIPE["sizes"])
     indices = np.concatenate(list(partition.values()))
-    assert len(indices) == len(set(indices.tolist())) == sum(zoo.FULL_RECIPE["sizes"].values())
+    assert len(indices) == len(set(indices.tolist())) == sum(recipes.FULL_RECIPE["sizes"].values())
 
 
 def test_a_finetune_split_larger_than_the_digits_left_redraws_its_own_sources():
@@ -78,9 +78,9 @@ def test_a_finetune_split_larger_than_the_digits_left_redraws_its_own_sources():
 
 
 def test_full_size_test_splits_have_300_images_and_every_class():
-    assert zoo.FULL_RECIPE["sizes"]["test"] >= 300
+    assert recipes.FULL_RECIPE["sizes"]["test"] >= 300
     for task, spec in suite.TASKS.items():
-        test = suite.generate_task(task, {"test": zoo.FULL_RECIPE["sizes"]["test"]}, seed=0)["test"]
+        test = suite.generate_task(task, {"test": recipes.FULL_RECIPE["sizes"]["test"]}, seed=0)["test"]
         assert len(test.images) >= 300
         assert set(test.labels.tolist()) == set(range(len(spec.classnames)))
 
@@ -102,7 +102,7 @@ def test_written_folders_read_back_with_the_cli_data_loader(tmp_path):
 
 def test_zoo_is_built_once_and_cached_by_recipe(tmp_path):
     torch.manual_seed(0)
-    tiny = zoo.recipe(
+    tiny = recipes.recipe(
         quick=True,
         tasks=["digits", "textures"],
         held_out=["textures"],
@@ -142,7 +142,7 @@ def test_demo_quick_runs_every_stage_through_the_cli(tmp_path, monkeypatch):
     summary = json.loads((work / "compare.json").read_text())
     methods = [row["method"] for row in summary["rows"]]
     assert methods == ["pretrained", "individual", "weight-averaging", "task-arithmetic", "ties", "dare", "adamerging", "wemoe", "rankone"]
-    assert summary["tasks"] == zoo.QUICK_RECIPE["tasks"]
+    assert summary["tasks"] == recipes.QUICK_RECIPE["tasks"]
     demo = json.loads((work / "demo.json").read_text())
     assert demo["lambda"] in (0.1, 0.3)
     assert set(demo["perfect_router"]["tasks"]) == set(summary["tasks"])
@@ -156,7 +156,7 @@ def test_demo_refuses_a_foreign_workspace(tiny_workspace, tmp_path, monkeypatch)
     from rankone.errors import RankoneError
 
     monkeypatch.setenv("RANKONE_CACHE", str(tmp_path / "cache"))
-    built = zoo.build_zoo(zoo.recipe(quick=True, tasks=["digits"], held_out=[], sizes={"pretrain": 8, "finetune": 4, "test": 4, "unlabeled": 4},
+    built = zoo.build_zoo(recipes.recipe(quick=True, tasks=["digits"], held_out=[], sizes={"pretrain": 8, "finetune": 4, "test": 4, "unlabeled": 4},
                                      pretrain={"steps": 1, "batch_size": 4, "lr": 1e-3}, finetune={"steps": 1, "lr": 1e-4, "batch_size": 2}))
     from rankone.examples.demo import Example, demo_pipeline
 
@@ -177,4 +177,4 @@ def test_readme_walkthrough_fetches_every_example_task():
     assert fetch, "README: no `rankone fetch --base $ZOO/base` walkthrough command"
     experts = re.findall(r"--expert (\w+)=\$ZOO/experts/(\w+)", fetch.group(1))
     assert all(name == folder for name, folder in experts)
-    assert sorted(name for name, _ in experts) == sorted(zoo.recipe()["tasks"])
+    assert sorted(name for name, _ in experts) == sorted(recipes.recipe()["tasks"])

@@ -14,7 +14,8 @@ from rankone.data import ImageDataset, labeled_images
 from rankone.errors import RankoneError
 from rankone.sources import load_source
 from rankone.finetune import OPEN_CLIP_CONFIG, finetune_expert, finetune_image_tower, write_open_clip_dir
-from rankone.heads import logit_scale, templates_for, zero_shot_head
+from rankone.heads import logit_scale, zero_shot_head
+from rankone.templates import templates_for
 from rankone.models import load_clip, preprocess_for, tokenizer_for
 from rankone.workspace import load_tensors
 

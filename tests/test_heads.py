@@ -12,17 +12,15 @@ import torch
 
 from rankone.errors import RankoneError
 from rankone.heads import (
-    canonical_task,
     classify_logits,
     logit_scale,
     fusionbench_classnames_and_templates,
     head_for_task,
     read_lines,
     template_strings,
-    template_table,
-    templates_for,
     zero_shot_head,
 )
+from rankone.templates import canonical_task, template_table, templates_for
 from rankone.models import load_clip, tokenizer_for
 
 FUSIONBENCH_TASKS = (

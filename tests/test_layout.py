@@ -14,6 +14,8 @@ PACKAGE = Path(rankone.__file__).parent
 # Imported inside a function on purpose: optional extras, and the package's own light `rankone.load`.
 DEFERRED = {"matplotlib", "matplotlib.figure", "sklearn.datasets", "skimage.data",
             "fusion_bench.tasks.clip_classification", "rankone.methods"}
+# And in one module only: `rankone demo --zoo-path` prints a cached zoo's folder before anything imports torch.
+DEFERRED_IN = {"rankone.cli.demo": {"rankone.cli.stages"}}
 
 
 def module_name(path: Path) -> str:
@@ -76,7 +78,8 @@ def test_imports_are_at_module_top_unless_deferred_on_purpose():
     known = set(modules())
     for name, path in modules().items():
         _, nested = imports_of(path, known)
-        assert nested <= DEFERRED, f"{name}: imports {sorted(nested - DEFERRED)} inside a function"
+        allowed = DEFERRED | DEFERRED_IN.get(name, set())
+        assert nested <= allowed, f"{name}: imports {sorted(nested - allowed)} inside a function"
 
 
 def test_the_cli_holds_no_method_logic():

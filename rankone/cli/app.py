@@ -1,31 +1,75 @@
-"""The typer app, the options every command shares, and `main` (one line and exit code 2 for a user error)."""
+"""The typer apps, the options every command shares, and `main` (one line and exit code 2 for a user error).
+
+`app` is what runs: its commands are listed from `catalog.COMMANDS` and a command's module is
+imported only when that command is used, so `rankone --help` and `--version` start without
+torch. The modules register their commands on `commands`, with `command` (or
+`flags.options_command`), which puts the catalog's summary first in each `--help`.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import inspect
 import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+import typer.core
+import typer.main
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from rankone import __version__
+from rankone.cli.catalog import COMMANDS
 from rankone.errors import RankoneError, RankoneNote
-from rankone.pipeline import DEFAULT_WORKSPACE
+from rankone.options import DEFAULT_WORKSPACE
 from rankone.progress import shown
+
+SETTINGS: dict[str, Any] = {"add_completion": False, "pretty_exceptions_enable": False, "rich_markup_mode": "rich"}
+
+# Where each command module registers its commands; `app` takes them from here on first use.
+commands = typer.Typer(**SETTINGS)
+
+
+def load_command(name: str) -> typer.core.TyperCommand:
+    """The real command `name`, its module imported now."""
+    importlib.import_module(COMMANDS[name].module)
+    return typer.main.get_group(commands).commands[name]
+
+
+class LazyCommands(typer.core.TyperGroup):
+    """A group whose commands are listed from the catalog (stubs carrying the summary) and loaded when resolved."""
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
+        for name, entry in COMMANDS.items():
+            self.commands.setdefault(name, typer.core.TyperCommand(name, help=entry.summary))
+
+    def resolve_command(self, ctx, args):
+        name, stub, rest = super().resolve_command(ctx, args)
+        return name, (load_command(name) if name is not None else stub), rest
+
+
+def command(name: str, **settings: Any) -> Callable:
+    """Register `rankone NAME` on `commands`: its help is the catalog's summary, then the function's docstring."""
+    def register(function: Callable) -> Callable:
+        help_text = COMMANDS[name].summary + "\n\n" + inspect.cleandoc(function.__doc__ or "")
+        commands.command(name, help=help_text, **settings)(function)
+        return function
+    return register
+
 
 app = typer.Typer(
     name="rankone",
     help="Merge fine-tuned CLIP image towers with RankOne-MoE, stage by stage in a workspace.",
     no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    cls=LazyCommands,
+    **SETTINGS,
 )
 console = Console()
 error_console = Console(stderr=True)
@@ -97,4 +141,5 @@ def main() -> None:
         raise
 
 
-__all__ = ["DEFAULT_WORKSPACE", "DeviceOption", "WorkspaceOption", "app", "console", "error_console", "main", "say", "step_bar"]
+__all__ = ["DEFAULT_WORKSPACE", "DeviceOption", "WorkspaceOption", "app", "command", "commands", "console", "error_console", "load_command",
+           "main", "say", "step_bar"]

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from rankone import methods
-from rankone.cli.app import DEFAULT_WORKSPACE, DeviceOption, WorkspaceOption
+from rankone.cli.app import DEFAULT_WORKSPACE, DeviceOption, WorkspaceOption, command
 from rankone.options import Options, OptionInfo, OptionValue, base_type
 from rankone.pipeline import Stage
 
@@ -66,15 +66,15 @@ def _parameter(info: OptionInfo, help_text: str, default: Any) -> inspect.Parame
         default = None  # not given: the options' own empty default applies
     optional = default is None
     annotation = _cli_type(info, optional)
-    option = typer.Option(info.flag, help=help_text, metavar=info.declared.metavar, show_default=not optional)
+    metavar = info.declared.metavar or getattr(base_type(info.type)[0], "metavar", None)
+    option = typer.Option(info.flag, help=help_text, metavar=metavar, show_default=not optional)
     return inspect.Parameter(info.name, KEYWORD, default=... if default is MISSING else default,
                              annotation=Annotated[annotation, option])
 
 
 def options_command(
-    app: typer.Typer,
     name: str,
-    help_text: str,
+    details: str,
     option_classes: list[type[Options]],
     body: Callable[[dict[str, Any]], None],
     *,
@@ -83,7 +83,8 @@ def options_command(
     context_settings: dict | None = None,
 ) -> None:
     """Register `rankone NAME`: a flag per declared option of `option_classes` (then `merged`, `extra`,
-    `-w` and `--device`); `body(values)` gets every parameter by name."""
+    `-w` and `--device`); `body(values)` gets every parameter by name. Its help is the catalog's
+    summary, then `details`."""
     parameters: list[inspect.Parameter] = []
     if context_settings and context_settings.get("allow_extra_args"):
         parameters.append(inspect.Parameter("ctx", KEYWORD, annotation=typer.Context))
@@ -98,18 +99,17 @@ def options_command(
         inspect.Parameter("device", KEYWORD, default="auto", annotation=DeviceOption),
     ]
 
-    def command(**values: Any) -> None:
+    def function(**values: Any) -> None:
         body(values)
 
-    command.__signature__ = inspect.Signature(parameters)
-    command.__name__ = name.replace("-", "_") + "_command"
-    command.__doc__ = help_text
-    command.__annotations__ = {}
-    app.command(name, context_settings=context_settings)(command)
+    function.__signature__ = inspect.Signature(parameters)
+    function.__name__ = name.replace("-", "_") + "_command"
+    function.__doc__ = details
+    function.__annotations__ = {}
+    command(name, context_settings=context_settings)(function)
 
 
 def stage_command(
-    app: typer.Typer,
     stage: Stage,
     details: str,
     body: Callable[[dict[str, Any]], None],
@@ -119,18 +119,18 @@ def stage_command(
 ) -> None:
     """Register `rankone STAGE`: flags from the stage's options, then its methods' options merged by name.
 
-    The help text is the stage's summary, the methods it takes (from the registry) and `details`.
+    The help text is the stage's summary (from the catalog), the methods it takes (from the registry) and `details`.
     """
     owners: dict[type[Options], list[str]] = {}
-    lines = [stage.summary, ""]
+    lines = []
     for method in methods.registered():
         if stage.takes(method):
             owners.setdefault(method.options, []).append(method.name)
             lines.append(f"{method.name}: {method.summary}.")
     merged = merged_options(stage.method_option_classes(), owners) if stage.method_kind not in (None, "any") else []
     # Blank lines keep typer's rich help from joining the method lines into one paragraph.
-    help_text = "\n\n".join(line for line in lines if line) + "\n\n" + inspect.cleandoc(details)
-    options_command(app, stage.name, help_text, [stage.options], body, merged=merged, extra=extra, context_settings=context_settings)
+    help_text = "".join(line + "\n\n" for line in lines) + inspect.cleandoc(details)
+    options_command(stage.name, help_text, [stage.options], body, merged=merged, extra=extra, context_settings=context_settings)
 
 
 __all__ = ["merged_options", "options_command", "stage_command"]

@@ -1,4 +1,4 @@
-"""`rankone fetch`, `task-vectors`, `build-pool`, `merge`, `adapt`, `eval`, `compare`, `export`, `run`:
+"""`rankone fetch`, `task-vectors`, `build-pool`, `merge`, `adapt`, `eval`, `compare`, `export`, `run` (and the demo's run):
 each a thin command over `pipeline.STAGES` (flags derived by `flags.stage_command`) that prints a summary."""
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import torch
 import typer
 
-from rankone import methods, pipeline
+from rankone import label_free, methods, pipeline
 from rankone.cli import render
-from rankone.cli.app import app, console, error_console, say, step_bar
+from rankone.cli.app import command, console, error_console, say, step_bar
 from rankone.cli.flags import KEYWORD, stage_command
 from rankone.errors import RankoneError
 from rankone.examples import demo
@@ -44,12 +45,16 @@ DETAILS = {
     "merge": """Options are recorded in the file's metadata; an option the method does not use is an error.
 
     Example: rankone merge --method ties --top 0.2 --lambda 0.3
+
+    Example: rankone merge --method task-arithmetic --lambda auto --data ./unlabeled --classnames-from ./test
     """,
     "adapt": """Heads need class names: they come from --heads-source fusionbench, --classnames
     TASK=FILE, --classnames-from DIR, or the workspace's data/<task>/<class>/ folders (from
     `rankone fetch --dataset`). Use the same heads as `rankone eval` will.
 
     Example: rankone adapt -w rankone-work --data ./unlabeled --classnames-from ./test --steps 1000
+
+    Example: rankone adapt --data ./unlabeled --data cars=/data/cars-unlabeled --classnames-from ./test
     """,
     "eval": """Heads are zero-shot heads of the pretrained text tower, cached in heads/. --dtype bf16
     runs the image encoder in half precision; the report records the dtype.
@@ -62,6 +67,8 @@ DETAILS = {
     Example: rankone eval --method rankone --dtype bf16
 
     Example: rankone eval --method rankone --routing
+
+    Example: rankone eval --method ties --data ./my-test --data cars=/data/cars-test
     """,
     "compare": """Rows: every method whose files the workspace holds, in the paper's order (an oracle
     such as perfect-router only when named in --methods). Columns: top-1 % per task, the
@@ -206,20 +213,18 @@ for _name, _summary, _extra, _settings in (
     ("merge", _merge, [], None), ("adapt", _adapt, [], None), ("eval", _eval, [], _TASKS_WORDS),
     ("compare", _compare, [], _TASKS_WORDS), ("export", _export, [], None),
 ):
-    stage_command(app, pipeline.STAGES[_name], DETAILS[_name], _summary_or_json(_name, _summary), extra=[*_extra, _JSON],
+    stage_command(pipeline.STAGES[_name], DETAILS[_name], _summary_or_json(_name, _summary), extra=[*_extra, _JSON],
                   context_settings=_settings)
 
 
-@app.command("run")
+@command("run")
 def run_file(
     file: Annotated[Path, typer.Argument(help="A pipeline YAML file (see examples/).", metavar="PIPELINE.yaml")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (each stage, run or skipped and why); the workspace is not touched (a file with `example:` builds the example's cached zoo first if it is missing).")] = False,
     workspace: Annotated[Optional[Path], typer.Option("-w", "--workspace", help="Workspace (default: the file's `workspace:`, else rankone-work).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="Device (default: the file's `device:`, else auto).")] = None,
 ) -> None:
-    """Run a whole pipeline described in one YAML file, skipping the stages already done.
-
-    A stage is skipped when the workspace recorded it with the same options, after the same
+    """A stage is skipped when the workspace recorded it with the same options, after the same
     earlier stages, and its outputs are unchanged; a changed option reruns that stage and
     every stage after it. A failed run resumes where it stopped.
 
@@ -258,6 +263,25 @@ def load_example(name: str, device: str) -> demo.Example:
     finally:
         while bars:
             bars.pop().__exit__(None, None, None)
+
+
+def run_example(example: str, seeds: int | None, workspace: Path, device: str, zoo_path: bool = False) -> None:
+    """`rankone demo`: the example's zoo (only its folder printed, with `zoo_path`), then its pipeline file run and the comparison printed."""
+    if resolve_device(device).type == "cpu":
+        torch.set_num_threads(min(torch.get_num_threads(), 2))
+    prepared = load_example(example, device)
+    if zoo_path:
+        print(prepared.zoo.root)
+        return
+    chosen = demo.demo_pipeline(prepared, workspace, device, seeds)
+    say(f"example zoo: {prepared.zoo.root} ({len(prepared.zoo.tasks)} tasks: {', '.join(prepared.zoo.tasks)})")
+    say("static " + label_free.describe(prepared.entropies, prepared.lam))
+    records = execute(chosen)
+    result = demo.demo_result(chosen, records, prepared)
+    for line in demo.result_lines(result):
+        say(line)
+    demo.write_result_json(result, Path(workspace) / "demo.json")
+    say(f"wrote {Path(workspace) / 'demo.json'}")
 
 
 def execute(chosen: pipeline.Pipeline) -> list[dict[str, Any]]:

@@ -1,23 +1,19 @@
-"""`rankone predict`, `inspect`, `finetune` and `demo`: the commands around the pipeline."""
+"""`rankone predict`, `push`, `inspect` and `finetune`: the commands around the pipeline."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import torch
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from rankone.cli import render
-from rankone.cli.app import DEFAULT_WORKSPACE, DeviceOption, WorkspaceOption, app, console, say, step_bar
+from rankone.cli.app import DEFAULT_WORKSPACE, DeviceOption, WorkspaceOption, command, console, say, step_bar
 from rankone.cli.flags import options_command
-from rankone.cli.stages import execute, load_example
 from rankone.errors import RankoneError
-from rankone.examples import demo
 from rankone.finetune import FinetuneOptions, finetune_expert, load_base
 from rankone.heads import read_lines
 from rankone.hub import push as push_folder
@@ -28,7 +24,7 @@ from rankone.models import named_architecture, resolve_device, resolve_dtype
 from rankone.sources import HF_SCHEME
 
 
-@app.command()
+@command("predict")
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="[MODEL] IMAGE...: an exported model folder, hf:ORG/NAME[@REV] or a workspace (default: -w), then image files.", metavar="PATH")],
     task: Annotated[str, typer.Option("--task", help="Which task's classes to predict.")],
@@ -38,9 +34,7 @@ def predict(
     workspace: WorkspaceOption = DEFAULT_WORKSPACE,
     device: DeviceOption = "auto",
 ) -> None:
-    """Print the top classes of --task with their probabilities for each image.
-
-    The model is the first argument when it is a folder (an export or a workspace) or hf:ORG/NAME[@REV] (a pushed export, through huggingface_hub's cache); otherwise the workspace's adapted model (-w).
+    """The model is the first argument when it is a folder (an export or a workspace) or hf:ORG/NAME[@REV] (a pushed export, through huggingface_hub's cache); otherwise the workspace's adapted model (-w).
 
     Example: rankone predict ./rankone-model --task cars photo1.jpg photo2.jpg --json
 
@@ -70,16 +64,14 @@ def predict(
             console.print(f"  {entry['probability']:7.2%}  {escape(entry['class'])}", highlight=False)
 
 
-@app.command()
+@command("push")
 def push(
     folder: Annotated[Path, typer.Argument(help="An exported model folder (rankone export --out).", metavar="OUT")],
     repo: Annotated[str, typer.Option("--repo", help="Hub repo to upload to, ORG/NAME (created if missing).", metavar="ORG/NAME")],
     private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
     revision: Annotated[Optional[str], typer.Option("--revision", help="Branch to upload to (created if missing; default: main).", metavar="BRANCH")] = None,
 ) -> None:
-    """Upload an exported folder to the Hugging Face Hub, model card included.
-
-    The token is huggingface_hub's (HF_TOKEN or `hf auth login`); it is never printed or
+    """The token is huggingface_hub's (HF_TOKEN or `hf auth login`); it is never printed or
     written. Load the pushed model back with rankone.load("hf:ORG/NAME") or
     `rankone predict hf:ORG/NAME`; a static merge also loads with open_clip
     ("hf-hub:ORG/NAME") or transformers.
@@ -92,7 +84,7 @@ def push(
     say(f"pushed {folder} to {url}")
 
 
-@app.command("inspect")
+@command("inspect")
 def inspect_command(
     path: Annotated[Optional[Path], typer.Argument(help="A workspace, an exported model folder or a .safetensors file (default: the workspace).", metavar="PATH")] = None,
     architecture: Annotated[Optional[str], typer.Option("--architecture", help="Count from an open_clip architecture alone (e.g. ViT-B-32, ViT-L-14); no weights needed.")] = None,
@@ -101,9 +93,7 @@ def inspect_command(
     workspace: WorkspaceOption = DEFAULT_WORKSPACE,
     device: DeviceOption = "auto",
 ) -> None:
-    """Tensors by role (towers, experts, task vectors, pool, routers, heads…).
-
-    Counts and bytes per role, read from safetensors headers only. With
+    """Counts and bytes per role, read from safetensors headers only. With
     --architecture: parameter counts of RankOne-MoE (k = 16, 32, 64, 128) and
     WEMoE, from the real modules built on the meta device (no weights needed).
 
@@ -168,9 +158,7 @@ def _finetune(values: dict[str, Any]) -> None:
     say(f"wrote {result.out}")
 
 
-options_command(app, "finetune", """Fine-tune the image tower on one task against its frozen zero-shot head.
-
-    Defaults are FusionBench's recipe for ViT-B/32: Adam, lr 1e-5, batch 32, 2000 steps, only the
+options_command("finetune", """Defaults are FusionBench's recipe for ViT-B/32: Adam, lr 1e-5, batch 32, 2000 steps, only the
     image tower trains. Small models need a larger lr: the built-in example's experts were
     made with --lr 5e-5 --steps 600. A seeded 10% of --data (--holdout) is kept out of training
     to report zero-shot and fine-tuned accuracy, or pass --eval-data. Writes an open_clip
@@ -181,49 +169,3 @@ options_command(app, "finetune", """Fine-tune the image tower on one task agains
 
     Example: rankone finetune -w vit-b-32 --task dtd --data ./dtd-train --eval-data ./dtd-test --out dtd-expert
     """, [FinetuneOptions], _finetune)
-
-
-@app.command("demo")
-def demo_command(
-    quick: Annotated[bool, typer.Option("--quick", help="Toy sizes: the same stages in under 2 minutes.")] = False,
-    seeds: Annotated[Optional[int], typer.Option("--seeds", help="RankOne-MoE adaptation seeds to average (default: the file's, 3; 1 with --quick).")] = None,
-    zoo_path: Annotated[bool, typer.Option("--zoo-path", help="Only build (or reuse) the example zoo and print its folder, to run the stages by hand.")] = False,
-    workspace: WorkspaceOption = DEFAULT_WORKSPACE,
-    device: DeviceOption = "auto",
-) -> None:
-    """Run the whole pipeline on the built-in offline example suite and print the comparison.
-
-    Builds (once, cached under $RANKONE_CACHE, default ~/.cache/rankone) six small tasks from
-    scikit-learn digits, matplotlib's fonts and scikit-image's pictures, a tiny CLIP pretrained
-    on them and one expert per task made with `rankone finetune`; then runs the example's
-    pipeline file (rankone/examples/demo.yaml, or demo-quick.yaml) as `rankone run` does,
-    printing each stage as the command that runs it. A toy illustration of the method, not a
-    reproduction of the paper's numbers.
-
-    Example: rankone demo --quick -w demo-work
-
-    Example: ZOO=$(rankone demo --zoo-path)  # base/, experts/<task>/, data/{finetune,test,unlabeled}/
-    """
-    missing = [name for name in ("sklearn", "skimage", "matplotlib") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise RankoneError(f"demo: the example suite needs {', '.join(missing)}; install them with pip install 'rankone[examples]'")
-    if seeds is not None and seeds < 1:
-        raise RankoneError(f"--seeds {seeds}: must be at least 1")
-    resolved = resolve_device(device)
-    if resolved.type == "cpu":
-        torch.set_num_threads(min(torch.get_num_threads(), 2))
-    example = "quick" if quick else "full"
-    prepared = load_example(example, device)
-    if zoo_path:
-        print(prepared.zoo.root)
-        return
-    chosen = demo.demo_pipeline(prepared, workspace, device, seeds)
-    say(f"example zoo: {prepared.zoo.root} ({len(prepared.zoo.tasks)} tasks: {', '.join(prepared.zoo.tasks)})")
-    say("static λ by lowest unlabeled entropy of task arithmetic: "
-        + ", ".join(f"λ={value:g}: {entropy:.3f}" for value, entropy in prepared.entropies.items()) + f" → λ={prepared.lam:g}")
-    records = execute(chosen)
-    result = demo.demo_result(chosen, records, prepared)
-    for line in demo.result_lines(result):
-        say(line)
-    demo.write_result_json(result, Path(workspace) / "demo.json")
-    say(f"wrote {Path(workspace) / 'demo.json'}")

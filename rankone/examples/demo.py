@@ -24,13 +24,15 @@ import torch
 from rankone import label_free
 from rankone.data import ImageDataset, labeled_images, unlabeled_images
 from rankone.errors import RankoneError
-from rankone.examples.zoo import Zoo, build_zoo, recipe
+from rankone.examples.recipes import Zoo, recipe
+from rankone.examples.zoo import build_zoo
 from rankone.label_free import IMAGES_PER_TASK
-from rankone.heads import logit_scale, template_strings, templates_for, zero_shot_head
+from rankone.heads import logit_scale, template_strings, zero_shot_head
 from rankone.models import load_clip, preprocess_for, tokenizer_for, visual_state
 from rankone.pipeline import Pipeline, Step, load_pipeline
 from rankone.sources import load_source
 from rankone.task_vectors import task_vector
+from rankone.templates import templates_for
 from rankone.workspace import Workspace
 
 PIPELINE_FILES = {"full": "demo.yaml", "quick": "demo-quick.yaml"}

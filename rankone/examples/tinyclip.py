@@ -15,16 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from rankone.examples.recipes import TINY_CLIP
 from rankone.models import build_clip, preprocess_for, tokenizer_for
 
-TINY_CLIP: dict[str, Any] = {
-    "name": "rankone-tiny-clip",
-    "embed_dim": 64,
-    "quick_gelu": False,
-    # Patch 8 on 32-px images: 16 tokens + CLS; patch 4 was too slow to pretrain on a CPU.
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 128, "layers": 4, "head_width": 32, "mlp_ratio": 4.0},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
 
 
 def tiny_clip_architecture(**vision_overrides: Any) -> dict[str, Any]:

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from rankone.data import load_image
 from rankone.errors import RankoneError
-from rankone.heads import classify_logits, templates_for
+from rankone.heads import classify_logits
+from rankone.templates import templates_for
 from rankone.models import DTYPES, FULL_PRECISION, dtype_support, preprocess_for
 from rankone.sources import hf_snapshot
 from rankone.training import task_heads
