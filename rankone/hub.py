@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import huggingface_hub
-from huggingface_hub import HfApi
+import huggingface_hub.constants
 
 from rankone.errors import RankoneError
 from rankone.methods.artifact import CONFIG_FILE
@@ -36,7 +36,7 @@ def push(folder: Path, repo: str, *, private: bool = False, revision: str | None
     token = token or huggingface_hub.get_token()
     if not token:
         raise RankoneError("push: not logged in to the Hugging Face Hub; run `hf auth login` or set HF_TOKEN")
-    api = HfApi(token=token)
+    api = huggingface_hub.HfApi(token=token)
     try:
         url = api.create_repo(repo, private=private, exist_ok=True)
         if revision:

@@ -90,6 +90,9 @@ def resolve_lambda(workspace, options: Options, rule: LambdaRuleOptions, device:
         return options, None
     chosen, entropies = workspace_lambda(workspace, rule.data, rule.classnames_from, device=device)
     note(describe(entropies, chosen))
+    if chosen == max(entropies) and len(entropies) > 1:
+        # Entropy still falling at the largest λ: a larger one might be lower still, and the user should know.
+        note(f"note: the lowest entropy is at the grid's largest λ ({chosen:g}); pass --lambda with a value to go beyond it")
     return dataclasses.replace(options, lam=chosen), {"grid": list(entropies), "entropies": entropies, "lambda": chosen}
 
 

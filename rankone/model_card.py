@@ -17,7 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+# Named at use (huggingface_hub loads the card module on first access), out of every command's start-up.
+import huggingface_hub
 
 from rankone import methods
 from rankone.errors import RankoneError
@@ -93,15 +94,15 @@ def pipeline_text(workspace: Workspace) -> str | None:
         return None
 
 
-def _eval_results(rows: list[dict[str, Any]], datasets: dict[str, str | None]) -> list[EvalResult]:
+def _eval_results(rows: list[dict[str, Any]], datasets: dict[str, str | None]) -> list[huggingface_hub.EvalResult]:
     found = []
     for row in rows:
         dataset = datasets.get(row["task"]) or row["task"]
-        found.append(EvalResult(task_type="image-classification", dataset_type=dataset, dataset_name=row["task"],
+        found.append(huggingface_hub.EvalResult(task_type="image-classification", dataset_type=dataset, dataset_name=row["task"],
                                 dataset_split="test", metric_type="accuracy", metric_name="top-1 accuracy",
                                 metric_value=round(row["accuracy"], 2)))
         if "normalized" in row:
-            found.append(EvalResult(task_type="image-classification", dataset_type=dataset, dataset_name=row["task"],
+            found.append(huggingface_hub.EvalResult(task_type="image-classification", dataset_type=dataset, dataset_name=row["task"],
                                     dataset_split="test", metric_type="normalized_accuracy",
                                     metric_name="accuracy / individual expert's", metric_value=round(row["normalized"], 2)))
     return found
@@ -140,7 +141,7 @@ def load_snippet(record: dict[str, Any], out: Path, base: str | None) -> str:
             f"tokenizer = open_clip.get_tokenizer(\"local-dir:{folder}\")\n```")
 
 
-def model_card(workspace: Workspace, method: methods.Method, record: dict[str, Any], out: Path) -> ModelCard:
+def model_card(workspace: Workspace, method: methods.Method, record: dict[str, Any], out: Path) -> huggingface_hub.ModelCard:
     """The card of an export of `method` from `workspace`, described by `record` (rankone.json's content)."""
     manifest = workspace.manifest()
     sources = manifest.get("sources", {})
@@ -148,7 +149,7 @@ def model_card(workspace: Workspace, method: methods.Method, record: dict[str, A
     datasets = {task: hub_id(entry.get("source")) for task, entry in (manifest.get("datasets") or {}).items() if isinstance(entry, dict)}
     rows = results(workspace, method.name)
     library = "rankone" if record.get("kind") == "routed" else ("transformers" if record.get("layout") == "transformers" else "open_clip")
-    data = ModelCardData(
+    data = huggingface_hub.ModelCardData(
         library_name=library,
         base_model=hub_id(base_source),
         tags=["model-merging", "rankone", method.name, "clip", "image-classification"],
@@ -190,7 +191,7 @@ def model_card(workspace: Workspace, method: methods.Method, record: dict[str, A
     if pipeline is not None:
         lines += ["", "The run came from this pipeline file (`rankone run`):", "", "```yaml", pipeline.rstrip(), "```"]
     lines += ["", "## Load it", "", load_snippet(record, out, hub_id(base_source)), ""]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+    return huggingface_hub.ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
 def write_model_card(path: Path, workspace: Workspace, method: methods.Method, record: dict[str, Any], out: Path) -> None:

@@ -106,3 +106,19 @@ def test_half_precision_is_recorded(every_stage_workspace, labeled_data, rankone
     summary = json.loads(every_stage_workspace.path("compare.json").read_text())
     assert summary["dtype"] == "bf16"
     assert json.loads(every_stage_workspace.path("eval/wemoe.json").read_text())["dtype"] == "bf16"
+
+
+def test_compare_runs_the_reference_methods_eval_runs(every_stage_workspace, tiny_workspace, labeled_data, rankone_cli):
+    workspace = every_stage_workspace
+    code, _, err = rankone_cli("eval", "-w", workspace.root, "--data", labeled_data, "--method", "perfect-router")
+    assert code == 0, err
+    alone = workspace.read_json("eval/perfect-router.json")
+    code, _, err = rankone_cli("compare", "-w", workspace.root, "--data", labeled_data, "--methods", "perfect-router,task-arithmetic")
+    assert code == 0, err
+    summary = json.loads(workspace.path("compare.json").read_text())
+    assert [row["method"] for row in summary["rows"]] == ["task-arithmetic", "perfect-router"]
+    assert workspace.read_json("eval/perfect-router.json")["tasks"] == alone["tasks"]
+    # Where it cannot run, it says what it needs and which command writes it.
+    code, _, err = rankone_cli("compare", "-w", tiny_workspace.root, "--data", labeled_data, "--methods", "perfect-router")
+    assert code == 2 and err.count("\n") == 1
+    assert "'perfect-router' cannot run in this workspace: it needs pool.safetensors, which is missing (run `rankone build-pool`" in err

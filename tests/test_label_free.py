@@ -59,6 +59,7 @@ def test_lambda_auto_picks_the_lowest_hand_computed_entropy(every_stage_workspac
     assert code == 0, err
     line = "λ by lowest unlabeled entropy of task arithmetic: " + ", ".join(f"λ={lam:g}: {entropies[lam]:.3f}" for lam in LAMBDA_GRID)
     assert f"{line} → λ={chosen:g}" in err
+    assert ("the lowest entropy is at the grid's largest λ" in err) == (chosen == max(LAMBDA_GRID))
     assert json.loads(read_tensors_metadata(work.path("merged/ties.safetensors"))["rankone"])["lambda"] == chosen
 
     code, out, err = rankone_cli("build-pool", "-w", work.root, "--k", "2", "--lambda", "auto", "--data", unlabeled_data,
