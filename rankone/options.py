@@ -282,13 +282,14 @@ def parse_lambda(text: str) -> float | str:
         raise RankoneError(f"--lambda {text!r}: expected a number or {AUTO}") from None
 
 
-def lambda_option(help: str = "Scale λ of the merged task vector: θ0 + λ·merged.", auto: bool = False) -> Any:
-    """λ, 0.3 by default, for every method that scales a merged task vector; with `auto`, it also takes `auto`
-    (the label-free rule of `rankone.label_free`, run by `merge` and `build-pool` on their --data)."""
+def lambda_option(help: str = "Scale λ of the merged task vector: θ0 + λ·merged.", auto: bool = False,
+                  default: float = DEFAULT_LAMBDA) -> Any:
+    """λ, 0.3 unless the method's paper says otherwise, for every method that scales a merged task vector; with
+    `auto`, it also takes `auto` (the label-free rule of `rankone.label_free`, run by `merge` and `build-pool` on their --data)."""
     # Any finite λ: a negative one subtracts task vectors (forgetting a task), as before.
     if not auto:
-        return option(DEFAULT_LAMBDA, help, key="lambda")
-    return option(DEFAULT_LAMBDA, help + " `auto`: the λ of a grid whose task-arithmetic merge has the lowest mean "
+        return option(default, help, key="lambda")
+    return option(default, help + " `auto`: the λ of a grid whose task-arithmetic merge has the lowest mean "
                   "prediction entropy on --data's unlabeled images.", key="lambda", auto=True, parse=parse_lambda, metavar="λ|auto")
 
 

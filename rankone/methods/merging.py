@@ -58,7 +58,7 @@ def merge_step_count(architecture: dict) -> int:
         return len(build_visual(architecture).state_dict())
 
 
-def _check_vectors(task_vectors: list[dict[str, torch.Tensor]]) -> list[str]:
+def check_vectors(task_vectors: list[dict[str, torch.Tensor]]) -> list[str]:
     if not task_vectors:
         raise RankoneError("merge: no task vectors given")
     keys = list(task_vectors[0])
@@ -121,7 +121,7 @@ def generalized_merge(
     list order and, within a task, tensor by tensor in sorted key order: same seed, same
     merge, on any device. `top` and `drop` are checked by the methods' options.
     """
-    keys = _check_vectors(task_vectors)
+    keys = check_vectors(task_vectors)
     scale = 1.0 / len(task_vectors) if steps.scale == "mean" else float(lam)
 
     # One stream for all draws: each (task, tensor) consumes a fixed slice of it.

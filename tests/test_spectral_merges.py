@@ -1,0 +1,122 @@
+"""TSV-Merge, Iso-C and Iso-CTS against FusionBench's own implementations, on the same weights.
+
+tests/reference/data/spectral_merges.safetensors holds a tiny CLIP image tower, three
+experts and what FusionBench's algorithm classes merged them into (made by
+tests/reference/make_references.py in its own virtualenv). Here the same weights are
+written as transformers folders, fetched, turned into task vectors and merged by
+`rankone merge` as a user runs it; the merged tower must match FusionBench's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from rankone.convert import convert_state_dict
+from rankone.methods.iso_cts import subspace_sizes
+from rankone.methods.matrices import weight_matrices
+from rankone.methods.tsv_merge import decorrelated_singular_vectors
+
+REFERENCE = Path(__file__).parent / "reference" / "data" / "spectral_merges.safetensors"
+METHODS = ("tsv-merge", "iso-c", "iso-cts")
+
+
+def reference() -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    with safe_open(str(REFERENCE), framework="pt") as handle:
+        metadata = handle.metadata()
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for name in handle.keys():
+            group, _, key = name.rpartition("/")
+            groups.setdefault(group, {})[key] = handle.get_tensor(name)
+    return metadata, groups
+
+
+def vision_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIPVisionModel state dict without the `vision_model.` wrapper that transformers 4 adds."""
+    return {key.removeprefix("vision_model."): value for key, value in state.items()}
+
+
+def run_cli(*arguments) -> tuple[int, str, str]:
+    """`rankone ARGS` in this process, as the rankone_cli fixture runs it (which a module-scoped fixture cannot use)."""
+    import sys
+    from unittest import mock
+
+    from rankone.cli import main
+
+    with mock.patch.object(sys, "argv", ["rankone", *map(str, arguments)]):
+        try:
+            main()
+        except SystemExit as exit_:
+            return (exit_.code if isinstance(exit_.code, int) else 1), "", f"rankone {arguments[0]} exited with {exit_.code}"
+    return 0, "", ""
+
+
+@pytest.fixture(scope="module")
+def merged_by_rankone(tmp_path_factory) -> tuple[dict, dict[str, dict[str, torch.Tensor]], dict[str, dict[str, torch.Tensor]]]:
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
+
+    from rankone.workspace import Workspace
+
+    metadata, groups = reference()
+    root = tmp_path_factory.mktemp("spectral")
+    config = CLIPConfig(**json.loads(metadata["config"]))
+    torch.manual_seed(0)
+    base = CLIPModel(config).eval()
+    base.vision_model.load_state_dict(vision_keys(groups["base"]))
+    base.save_pretrained(root / "base")
+    arguments = ["fetch", "--base", root / "base", "-w", root / "work"]
+    for task in json.loads(metadata["tasks"]):
+        expert = CLIPVisionModel(config.vision_config).eval()
+        getattr(expert, "vision_model", expert).load_state_dict(vision_keys(groups[f"expert/{task}"]))
+        expert.save_pretrained(root / task)
+        arguments += ["--expert", f"{task}={root / task}"]
+    for command in (arguments, ["task-vectors", "-w", root / "work"]):
+        code, _, err = run_cli(*command)
+        assert code == 0, err
+    workspace = Workspace(root / "work")
+    merged = {}
+    for method in METHODS:
+        code, _, err = run_cli("merge", "--method", method, "-w", root / "work")
+        assert code == 0, err
+        merged[method] = workspace.load_tensors(f"merged/{method}.safetensors")
+    return metadata, groups, merged
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_merge_matches_fusionbench(merged_by_rankone, method):
+    _, groups, merged = merged_by_rankone
+    base = convert_state_dict(vision_keys(groups["base"]))
+    expected = convert_state_dict(vision_keys(groups[method]))
+    ours = merged[method]
+    assert set(expected) <= set(ours)
+    for key, tensor in expected.items():
+        # Compared as updates (merged − θ0), relative to the update's largest entry: what the method computes.
+        update, our_update = tensor - base[key], ours[key] - base[key]
+        scale = update.abs().max().item()
+        error = (our_update - update).abs().max().item()
+        assert error <= 1e-5 * max(scale, 1e-12), f"{method} {key}: max error {error:.3g} against an update of {scale:.3g}"
+    # The tensor FusionBench's CLIPVisionModel lacks (the projection) is not changed by experts that leave it as it was.
+    assert torch.equal(ours["visual.proj"], base.get("visual.proj", ours["visual.proj"]))
+
+
+def test_the_merges_differ_from_task_arithmetic(merged_by_rankone):
+    _, groups, merged = merged_by_rankone
+    key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    assert not torch.allclose(merged["iso-c"][key], merged["tsv-merge"][key])
+    assert not torch.allclose(merged["iso-c"][key], merged["iso-cts"][key])
+
+
+def test_packed_attention_is_three_matrices_and_sizes_follow_the_reference_rounding():
+    packed = torch.arange(12.0).reshape(6, 2)
+    assert [block.tolist() for block in weight_matrices("visual.transformer.resblocks.0.attn.in_proj_weight", packed)] == \
+        [packed[:2].tolist(), packed[2:4].tolist(), packed[4:].tolist()]
+    assert weight_matrices("visual.conv1.weight", torch.zeros(2, 3, 4, 4)) is None
+    # r = 32, T = 3, fraction 0.8: int(25.6) = 25 common, round(7/3)·3 = 6 task directions, so 26 common and 2 per task.
+    assert subspace_sizes(32, 3, 0.8) == (26, 2)
+    # One task: TSV-Merge keeps its whole spectrum, so it gives the task vector back.
+    matrix = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(decorrelated_singular_vectors([matrix]), matrix, atol=1e-5, rtol=0)
