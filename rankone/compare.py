@@ -20,11 +20,13 @@ from safetensors import safe_open
 from rankone import methods
 from rankone.data import DataFolders
 from rankone.errors import RankoneError
-from rankone.evaluate import EvaluationOptions, evaluate, evaluation_inputs, labeled_data_root, write_report
+from rankone.evaluate import EvaluationOptions, evaluate, evaluation_inputs, fusionbench_report, labeled_data_root, report_path, write_report
 from rankone.workspace import Workspace, producer_of
 
 COMPARE_JSON = "compare.json"
 COMPARE_MARKDOWN = "compare.md"
+COMPARE_FUSIONBENCH = "compare.fusionbench.json"
+INDIVIDUAL = "individual"
 
 
 def chosen_methods(workspace: Workspace, names: Sequence[str] | None) -> list[str]:
@@ -105,29 +107,62 @@ def compare(
             reports[name] = evaluate(method_model, heads, datasets, device=device, batch_size=batch_size, progress=progress)
             del method_model
             write_report(workspace, reports[name], staging)
-        rows = [
-            {"method": name, "accuracy": {task: result["accuracy"] for task, result in report["tasks"].items()},
-             "average": report["average"], "parameters": report["parameters"], "relative_parameters": report["parameters"] / tower}
-            for name, report in reports.items()
-        ]
-        summary = {"tasks": tasks, "images": {task: len(images.paths) for task, images in datasets.items()},
-                   "heads_source": heads_source, "dtype": dtype, "tower_parameters": tower, "rows": rows}
+        images = {task: len(found.paths) for task, found in datasets.items()}
+        individual = individual_accuracy(workspace, reports, images)
+        rows = [comparison_row(workspace, name, report, tower, individual) for name, report in reports.items()]
+        summary = {"tasks": tasks, "images": images, "heads_source": heads_source, "dtype": dtype, "tower_parameters": tower,
+                   "rows": rows}
         staging.write_json(COMPARE_JSON, summary)
         staging.path(COMPARE_MARKDOWN).write_text(markdown_table(summary))
+        staging.write_json(COMPARE_FUSIONBENCH, {name: fusionbench_report(report) for name, report in reports.items()})
     return summary
+
+
+def individual_accuracy(workspace: Workspace, reports: dict[str, dict[str, Any]], images: dict[str, int]) -> dict[str, float] | None:
+    """Each task's accuracy of its own expert on these images: from this comparison, or from an earlier
+    eval/individual.json on the same number of images per task; None when neither has every task."""
+    report = reports.get(INDIVIDUAL)
+    if report is None and workspace.path(report_path(INDIVIDUAL)).is_file():
+        report = workspace.read_json(report_path(INDIVIDUAL))
+    if report is None:
+        return None
+    scores = report.get("tasks", {})
+    if any(task not in scores or scores[task].get("n") != count or not scores[task]["accuracy"] for task, count in images.items()):
+        return None
+    return {task: float(scores[task]["accuracy"]) for task in images}
+
+
+def comparison_row(workspace: Workspace, name: str, report: dict[str, Any], tower: int,
+                   individual: dict[str, float] | None) -> dict[str, Any]:
+    """One method's row: accuracy per task and averaged, normalized by the individual experts when known
+    (accuracy / the task's own expert's, as the merging literature reports it), parameters, and the options
+    its output file recorded, so the table can be reproduced from itself."""
+    accuracy = {task: result["accuracy"] for task, result in report["tasks"].items()}
+    row: dict[str, Any] = {"method": name, "accuracy": accuracy, "average": report["average"],
+                           "parameters": report["parameters"], "relative_parameters": report["parameters"] / tower}
+    if individual is not None:
+        row["normalized"] = {task: 100.0 * value / individual[task] for task, value in accuracy.items()}
+        row["normalized_average"] = sum(row["normalized"].values()) / len(row["normalized"])
+    row["options"] = {key: value for key, value in methods.get(name).settings(workspace).items()
+                      if key != "method" and isinstance(value, (bool, int, float, str))}
+    return row
 
 
 def markdown_table(summary: dict[str, Any]) -> str:
     """compare.json as a Markdown table: a row per method, a column per task, the average, the parameters."""
     tasks = summary["tasks"]
+    normalized = all("normalized_average" in row for row in summary["rows"]) and bool(summary["rows"])
     lines = [
         f"Top-1 accuracy (%) on {len(tasks)} tasks; parameters relative to the pretrained image tower "
         f"({summary['tower_parameters']:,}), heads excluded.",
         "",
-        "| Method | " + " | ".join(tasks) + " | Avg. | Params |",
-        "|---|" + "---:|" * (len(tasks) + 2),
+        "| Method | " + " | ".join(tasks) + " | Avg. |" + (" Norm. |" if normalized else "") + " Params |",
+        "|---|" + "---:|" * (len(tasks) + 2 + normalized),
     ]
     for row in summary["rows"]:
-        cells = [f"{row['accuracy'][task]:.1f}" for task in tasks]
-        lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {row['average']:.1f} | {relative(row['parameters'], summary['tower_parameters'])} |")
+        cells = [f"{row['accuracy'][task]:.1f}" for task in tasks] + [f"{row['average']:.1f}"]
+        cells += [f"{row['normalized_average']:.1f}"] if normalized else []
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {relative(row['parameters'], summary['tower_parameters'])} |")
+    if normalized:
+        lines += ["", "Norm.: the average over tasks of accuracy / the task's own expert's accuracy (%)."]
     return "\n".join(lines) + "\n"

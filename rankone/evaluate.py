@@ -15,9 +15,10 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
@@ -77,6 +78,12 @@ def eval_progress(console: Console | None = None) -> Progress:
     )
 
 
+class TaskScore(NamedTuple):
+    correct: int
+    total: int
+    loss: float  # mean cross-entropy per image, in nats
+
+
 def task_accuracy(
     encoder: torch.nn.Module,
     head: torch.Tensor,
@@ -86,22 +93,24 @@ def task_accuracy(
     device: torch.device | str,
     batch_size: int = EvaluationOptions.batch_size,
     advance=None,
-) -> tuple[int, int]:
-    """(correct, total) top-1 predictions of `encoder` + `head` on `images`."""
+) -> TaskScore:
+    """Top-1 predictions of `encoder` + `head` on `images` (correct, total) and the mean cross-entropy."""
     if head.shape[0] != len(images.classnames):
         raise RankoneError(f"head for task {images.task!r}: has {head.shape[0]} classes, the data has {len(images.classnames)}")
     loader = image_loader(ImageDataset(images.paths, images.labels, transform), batch_size)
     head = head.to(device)
     correct = total = 0
+    loss = 0.0
     encoder.eval()
     with torch.no_grad():
         for batch, labels in loader:
             logits = classify_logits(encoder(batch.to(device)), head)
             correct += int((logits.argmax(dim=-1).cpu() == labels).sum())
+            loss += float(F.cross_entropy(logits.float().cpu(), labels, reduction="sum"))
             total += len(labels)
             if advance is not None:
                 advance(len(labels))
-    return correct, total
+    return TaskScore(correct, total, loss / total)
 
 
 def evaluate(
@@ -141,10 +150,10 @@ def evaluate(
             if routing:
                 expert_tasks = routed_tasks(encoder)
             with recording_gates(encoder) if routing else nullcontext() as blocks:
-                correct, total = task_accuracy(
+                score = task_accuracy(
                     encoder, heads[task], images, method_model.preprocess, device=device, batch_size=batch_size, advance=advance
                 )
-            results[task] = {"accuracy": 100.0 * correct / total, "n": total}
+            results[task] = {"accuracy": 100.0 * score.correct / score.total, "n": score.total, "loss": score.loss}
             if routing:
                 gates[task] = [expert_shares(torch.cat(block), len(expert_tasks)).tolist() for block in blocks]
     average = sum(result["accuracy"] for result in results.values()) / len(results)
@@ -153,6 +162,25 @@ def evaluate(
     if routing:
         report["routing"] = {"experts": expert_tasks, "gates": gates}
     return report
+
+
+def fusionbench_report(report: dict[str, Any]) -> dict[str, Any]:
+    """An eval report in the layout of FusionBench's CLIP task pool, so the two tools' outputs can be diffed.
+
+    model_info (the tower's parameters, all counted as trainable as FusionBench counts a loaded
+    model), per task `accuracy` as a fraction and `loss` (mean cross-entropy), and their
+    averages. FusionBench's loss is the mean of per-batch means; this is the mean over images,
+    the same number when every batch is full.
+    """
+    parameters = int(report["parameters"])
+    found: dict[str, Any] = {"model_info": {"trainable_params": parameters, "all_params": parameters,
+                                            "trainable_percentage": 1.0, "name": report["method"]}}
+    for task, result in report["tasks"].items():
+        found[task] = {"accuracy": result["accuracy"] / 100.0, "loss": result["loss"]}
+    scores = [found[task] for task in report["tasks"]]
+    found["average"] = {"accuracy": sum(score["accuracy"] for score in scores) / len(scores),
+                        "loss": sum(score["loss"] for score in scores) / len(scores)}
+    return found
 
 
 def labeled_data_root(workspace: Workspace, data: DataFolders | Path | str | None) -> DataFolders:

@@ -189,7 +189,7 @@ def top1(architecture: dict[str, Any], visual: dict[str, torch.Tensor], head: to
          device: torch.device | str) -> float:
     """Top-1 % of an image tower with `head` on labeled `images`."""
     encoder = load_visual(architecture, visual).to(device)
-    correct, total = task_accuracy(encoder, head, images, preprocess_for(architecture), device=device)
+    correct, total, _ = task_accuracy(encoder, head, images, preprocess_for(architecture), device=device)
     return 100.0 * correct / total
 
 

@@ -23,7 +23,7 @@ import huggingface_hub
 from rankone import methods
 from rankone.errors import RankoneError
 from rankone.sources import HF_SCHEME, OPEN_CLIP_SCHEME, parse_hf
-from rankone.workspace import Workspace, read_tensors_metadata
+from rankone.workspace import Workspace
 
 INDIVIDUAL = "individual"
 
@@ -71,16 +71,6 @@ def results(workspace: Workspace, method: str) -> list[dict[str, Any]]:
             row["normalized"] = 100.0 * row["accuracy"] / row["individual"]
         rows.append(row)
     return rows
-
-
-def method_settings(workspace: Workspace, method: methods.Method) -> dict[str, Any]:
-    """The record the method's output file keeps in its metadata (options, seed, steps…), if any."""
-    if method.output is None or not workspace.path(method.output).is_file():
-        return {}
-    try:
-        return json.loads(read_tensors_metadata(workspace.path(method.output)).get("rankone", "{}"))
-    except ValueError:
-        return {}
 
 
 def pipeline_text(workspace: Workspace) -> str | None:
@@ -184,7 +174,7 @@ def model_card(workspace: Workspace, method: methods.Method, record: dict[str, A
               f"- method: `{method.name}`; storage precision `{record.get('dtype')}`",
               f"- base: `{public_source(base_source) if base_source else 'unknown'}`"]
     lines += [f"- expert `{task}`: `{public_source(entry.get('source', ''))}`" for task, entry in experts.items()]
-    settings = method_settings(workspace, method)
+    settings = method.settings(workspace)
     if settings:
         lines += ["", "Options, as the method's output recorded them:", "", "```json", json.dumps(settings, indent=2, sort_keys=True), "```"]
     pipeline = pipeline_text(workspace)

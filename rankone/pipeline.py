@@ -348,7 +348,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("eval", EvalOptions, _run_eval, lambda tasks, options: [f"eval/{options.method}.json"], _eval_inputs, method_kind="any"),
     Stage("compare", CompareOptions, _run_compare,
           # It rewrites the eval report of every method it evaluates, so an earlier eval's report is compare's now.
-          lambda tasks, options: ["compare.json", "compare.md", *(f"eval/{name}.json" for name in options.methods or methods.names())],
+          lambda tasks, options: ["compare.json", "compare.md", "compare.fusionbench.json", *(f"eval/{name}.json" for name in options.methods or methods.names())],
           lambda tasks, options: ["base.safetensors"]),
     Stage("export", ExportOptions, _run_export,
           lambda tasks, options: export_outputs(options),

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from rankone.compare import tower_parameters
 from rankone.methods import available_methods
 from rankone.models import count_parameters, visual_state
+from rankone.workspace import read_tensors_metadata
 from conftest import snapshot
 
 EXPECTED_ROWS = ["pretrained", "individual", "task-arithmetic", "adamerging", "wemoe", "rankone"]
@@ -29,11 +32,34 @@ def test_compare_writes_table_json_and_the_reports_eval_writes(every_stage_works
     assert rows["pretrained"]["parameters"] == tower and rows["individual"]["parameters"] == 3 * tower
     assert rows["wemoe"]["parameters"] > rows["rankone"]["parameters"] > tower
 
+    # Normalized accuracy: each task's accuracy over its own expert's, in this same comparison.
+    expert = rows["individual"]["accuracy"]
+    for row in summary["rows"]:
+        expected = {task: 100.0 * row["accuracy"][task] / expert[task] for task in summary["tasks"]}
+        assert row["normalized"] == pytest.approx(expected)
+        assert row["normalized_average"] == pytest.approx(sum(expected.values()) / len(expected))
+    assert rows["individual"]["normalized_average"] == pytest.approx(100.0)
+    # Each row carries the options its output recorded.
+    merged_record = json.loads(read_tensors_metadata(workspace.path("merged/task-arithmetic.safetensors"))["rankone"])
+    assert rows["task-arithmetic"]["options"]["lambda"] == merged_record["lambda"] and rows["pretrained"]["options"] == {}
+
     markdown = workspace.path("compare.md").read_text()
-    assert "| Method | alpha | beta | gamma | Avg. | Params |" in markdown
+    assert "| Method | alpha | beta | gamma | Avg. | Norm. | Params |" in markdown
     for row in summary["rows"]:
         cells = " | ".join(f"{row['accuracy'][task]:.1f}" for task in summary["tasks"])
-        assert f"| {row['method']} | {cells} | {row['average']:.1f} | {row['parameters'] / tower:.2f}× |" in markdown
+        assert (f"| {row['method']} | {cells} | {row['average']:.1f} | {row['normalized_average']:.1f} | "
+                f"{row['parameters'] / tower:.2f}× |") in markdown
+
+    # FusionBench's report layout, one per method, with every task.
+    fusionbench = json.loads(workspace.path("compare.fusionbench.json").read_text())
+    assert set(fusionbench) == set(EXPECTED_ROWS)
+    for method, layout in fusionbench.items():
+        report = json.loads(workspace.path(f"eval/{method}.json").read_text())
+        assert set(layout) == {"model_info", "average", *summary["tasks"]}
+        assert layout["model_info"]["all_params"] == report["parameters"] and layout["model_info"]["name"] == method
+        for task in summary["tasks"]:
+            assert layout[task] == {"accuracy": pytest.approx(report["tasks"][task]["accuracy"] / 100), "loss": report["tasks"][task]["loss"]}
+        assert layout["average"]["accuracy"] == pytest.approx(report["average"] / 100)
     assert "| individual |" in markdown and "3.00× |" in markdown
     for method in EXPECTED_ROWS:
         assert method in out

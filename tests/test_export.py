@@ -52,7 +52,7 @@ STATIC_EXPORTS = [method.name for method in methods.registered() if method.tower
 
 def test_every_single_model_method_exports_statically():
     assert set(STATIC_EXPORTS) == {"pretrained", "weight-averaging", "task-arithmetic", "ties", "dare", "model-stock", "tsv-merge",
-                                   "iso-c", "iso-cts", "adamerging"}
+                                   "iso-c", "iso-cts", "wudi", "adamerging"}
 
 
 @pytest.mark.parametrize("method", STATIC_EXPORTS)

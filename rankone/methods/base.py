@@ -12,6 +12,7 @@ classification heads excluded; for `individual` it is T towers.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,7 @@ from rankone.errors import RankoneError
 from rankone.models import FULL_PRECISION, load_clip, visual_state
 from rankone.options import NoOptions, Options
 from rankone.task_vectors import task_vector_path
-from rankone.workspace import Workspace
+from rankone.workspace import Workspace, read_tensors_metadata
 
 KINDS = ("reference", "static", "adaptive")
 BASE_FILE = "base.safetensors"
@@ -109,6 +110,15 @@ class Method:
         """The files evaluation needs that the workspace's manifest does not record."""
         present = set(workspace.manifest().get("files", {}))
         return [relpath for relpath in self.eval_files(workspace.tasks) if relpath not in present]
+
+    def settings(self, workspace: Workspace) -> dict[str, Any]:
+        """The record the method's output file keeps in its metadata (options, seed, steps…), if any."""
+        if self.output is None or not workspace.path(self.output).is_file():
+            return {}
+        try:
+            return json.loads(read_tensors_metadata(workspace.path(self.output)).get("rankone", "{}"))
+        except ValueError:
+            return {}
 
 
 def needed_files(needs: tuple[str, ...], tasks: list[str]) -> list[str]:

@@ -7,10 +7,10 @@ fusion-bench from PyPI, which pins its own transformers and lightning, so it nev
 rankone's environment; the script then runs itself inside it. It builds a tiny transformers
 CLIPModel (the base) and three CLIPVisionModel experts (the base's tower plus a low-rank
 change and noise, as fine-tuning leaves one), runs FusionBench's algorithm classes on them
-through a BaseModelPool, and writes tests/reference/data/spectral_merges.safetensors: the
+through a BaseModelPool, and writes tests/reference/data/data_free_merges.safetensors: the
 base's image tower (`base/<key>`), each expert (`expert/<task>/<key>`), each merged
 tower (`<method>/<key>`, CLIPVisionModel layout), with the config and the versions used in
-its metadata. tests/test_spectral_merges.py reads it; `make test` never needs fusion-bench.
+its metadata. tests/test_data_free_merges.py reads it; `make test` never needs fusion-bench.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # RANKONE_REFERENCE_VENV: an existing virtualenv with the REQUIREMENTS installed, instead of making one.
 VENV = Path(os.environ.get("RANKONE_REFERENCE_VENV") or HERE / ".venv")
-OUTPUT = HERE / "data" / "spectral_merges.safetensors"
+OUTPUT = HERE / "data" / "data_free_merges.safetensors"
 REQUIREMENTS = ["torch==2.14.1", "fusion-bench==0.2.33"]
 TASKS = ("alpha", "beta", "gamma")
 # The vision tower's sizes are chosen so that T = 3 does not divide the matrix ranks (32, 17):
@@ -42,6 +42,7 @@ METHODS = {
     "iso-c": ("ISO_C_Merge", {"scaling_factor": 1.0}),
     "iso-cts": ("ISO_CTS_Merge", {"scaling_factor": 1.0, "common_space_fraction": 0.8}),
     "tsv-merge": ("TaskSingularVectorMerging", {"alpha": 1.0}),
+    "wudi": ("WUDIMerging", {"iter_num": 400}),
 }
 
 
@@ -98,8 +99,8 @@ def build_and_merge() -> None:
     for name, (class_name, options) in METHODS.items():
         # Each algorithm writes into the pool's pretrained model: every run gets fresh copies.
         pool = BaseModelPool({"_pretrained_": copy.deepcopy(base_vision), **{task: copy.deepcopy(model) for task, model in experts.items()}})
-        with torch.no_grad():
-            merged = getattr(fusion_methods, class_name)(**options).run(pool)
+        # Not under no_grad: WUDI takes gradient steps (the others compute without gradients anyway).
+        merged = getattr(fusion_methods, class_name)(**options).run(pool)
         tensors.update({f"{name}/{key}": value.detach().contiguous() for key, value in merged.state_dict().items()})
     OUTPUT.parent.mkdir(exist_ok=True)
     metadata = {"config": json.dumps(CONFIG), "tasks": json.dumps(TASKS), "methods": json.dumps(METHODS),

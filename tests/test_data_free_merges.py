@@ -1,6 +1,6 @@
-"""TSV-Merge, Iso-C and Iso-CTS against FusionBench's own implementations, on the same weights.
+"""The data-free merges (TSV-Merge, Iso-C, Iso-CTS, WUDI) against FusionBench's own implementations, on the same weights.
 
-tests/reference/data/spectral_merges.safetensors holds a tiny CLIP image tower, three
+tests/reference/data/data_free_merges.safetensors holds a tiny CLIP image tower, three
 experts and what FusionBench's algorithm classes merged them into (made by
 tests/reference/make_references.py in its own virtualenv). Here the same weights are
 written as transformers folders, fetched, turned into task vectors and merged by
@@ -20,9 +20,10 @@ from rankone.convert import convert_state_dict
 from rankone.methods.iso_cts import subspace_sizes
 from rankone.methods.matrices import weight_matrices
 from rankone.methods.tsv_merge import decorrelated_singular_vectors
+from rankone.methods.wudi import least_interference
 
-REFERENCE = Path(__file__).parent / "reference" / "data" / "spectral_merges.safetensors"
-METHODS = ("tsv-merge", "iso-c", "iso-cts")
+REFERENCE = Path(__file__).parent / "reference" / "data" / "data_free_merges.safetensors"
+METHODS = ("tsv-merge", "iso-c", "iso-cts", "wudi")
 
 
 def reference() -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
@@ -62,7 +63,7 @@ def merged_by_rankone(tmp_path_factory) -> tuple[dict, dict[str, dict[str, torch
     from rankone.workspace import Workspace
 
     metadata, groups = reference()
-    root = tmp_path_factory.mktemp("spectral")
+    root = tmp_path_factory.mktemp("data-free")
     config = CLIPConfig(**json.loads(metadata["config"]))
     torch.manual_seed(0)
     base = CLIPModel(config).eval()
@@ -120,3 +121,12 @@ def test_packed_attention_is_three_matrices_and_sizes_follow_the_reference_round
     # One task: TSV-Merge keeps its whole spectrum, so it gives the task vector back.
     matrix = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(decorrelated_singular_vectors([matrix]), matrix, atol=1e-5, rtol=0)
+
+
+def test_wudi_leaves_out_a_task_that_did_not_change_the_matrix():
+    generator = torch.Generator().manual_seed(1)
+    first, second = torch.randn(4, 3, generator=generator), torch.randn(4, 3, generator=generator)
+    pair = least_interference([first, second], steps=20, lr=1e-3)
+    assert torch.equal(least_interference([torch.zeros(4, 3), first, second], steps=20, lr=1e-3), pair)
+    assert torch.equal(least_interference([torch.zeros(4, 3)] * 2, steps=20, lr=1e-3), torch.zeros(4, 3))
+    assert not torch.allclose(pair, first + second)  # the steps moved it away from the sum
