@@ -139,7 +139,8 @@ def comparison_row(workspace: Workspace, name: str, report: dict[str, Any], towe
     its output file recorded, so the table can be reproduced from itself."""
     accuracy = {task: result["accuracy"] for task, result in report["tasks"].items()}
     row: dict[str, Any] = {"method": name, "accuracy": accuracy, "average": report["average"],
-                           "parameters": report["parameters"], "relative_parameters": report["parameters"] / tower}
+                           "parameters": report["parameters"], "relative_parameters": report["parameters"] / tower,
+                           "needs_task": methods.get(name).needs_task}
     if individual is not None:
         row["normalized"] = {task: 100.0 * value / individual[task] for task, value in accuracy.items()}
         row["normalized_average"] = sum(row["normalized"].values()) / len(row["normalized"])
@@ -162,7 +163,10 @@ def markdown_table(summary: dict[str, Any]) -> str:
     for row in summary["rows"]:
         cells = [f"{row['accuracy'][task]:.1f}" for task in tasks] + [f"{row['average']:.1f}"]
         cells += [f"{row['normalized_average']:.1f}"] if normalized else []
-        lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {relative(row['parameters'], summary['tower_parameters'])} |")
+        name = row["method"] + (" †" if row.get("needs_task") else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {relative(row['parameters'], summary['tower_parameters'])} |")
+    if any(row.get("needs_task") for row in summary["rows"]):
+        lines += ["", "†: needs the task at inference (a model per task, or an oracle told the task)."]
     if normalized:
         lines += ["", "Norm.: the average over tasks of accuracy / the task's own expert's accuracy (%)."]
     return "\n".join(lines) + "\n"

@@ -45,9 +45,11 @@ def test_compare_writes_table_json_and_the_reports_eval_writes(every_stage_works
 
     markdown = workspace.path("compare.md").read_text()
     assert "| Method | alpha | beta | gamma | Avg. | Norm. | Params |" in markdown
+    assert [row["method"] for row in summary["rows"] if row["needs_task"]] == ["individual"]
+    assert "†: needs the task at inference" in markdown
     for row in summary["rows"]:
         cells = " | ".join(f"{row['accuracy'][task]:.1f}" for task in summary["tasks"])
-        assert (f"| {row['method']} | {cells} | {row['average']:.1f} | {row['normalized_average']:.1f} | "
+        assert (f"| {row['method']}{' †' if row['needs_task'] else ''} | {cells} | {row['average']:.1f} | {row['normalized_average']:.1f} | "
                 f"{row['parameters'] / tower:.2f}× |") in markdown
 
     # FusionBench's report layout, one per method, with every task.
@@ -60,7 +62,7 @@ def test_compare_writes_table_json_and_the_reports_eval_writes(every_stage_works
         for task in summary["tasks"]:
             assert layout[task] == {"accuracy": pytest.approx(report["tasks"][task]["accuracy"] / 100), "loss": report["tasks"][task]["loss"]}
         assert layout["average"]["accuracy"] == pytest.approx(report["average"] / 100)
-    assert "| individual |" in markdown and "3.00× |" in markdown
+    assert "| individual † |" in markdown and "3.00× |" in markdown
     for method in EXPECTED_ROWS:
         assert method in out
         report = json.loads(workspace.path(f"eval/{method}.json").read_text())

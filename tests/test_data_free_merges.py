@@ -80,28 +80,54 @@ def merged_by_rankone(tmp_path_factory) -> tuple[dict, dict[str, dict[str, torch
         assert code == 0, err
     workspace = Workspace(root / "work")
     merged = {}
-    for method in METHODS:
+    for method in (*METHODS, "emr"):
         code, _, err = run_cli("merge", "--method", method, "-w", root / "work")
         assert code == 0, err
         merged[method] = workspace.load_tensors(f"merged/{method}.safetensors")
+    merged["workspace"] = workspace
     return metadata, groups, merged
+
+
+def assert_same_update(ours: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], base: dict[str, torch.Tensor], what: str) -> None:
+    """Compared as updates (merged − θ0), to 1e-5 of the update's largest entry: what the method computes; plus two
+    float32 steps of θ0's largest entry, the rounding of θ0 + update itself (EMR reads its update back from the stored
+    θ0 + τ_uni, which costs one such step on the LayerNorm weights near 1)."""
+    assert set(expected) <= set(ours)
+    for key, tensor in expected.items():
+        update, our_update = tensor - base[key], ours[key] - base[key]
+        scale = update.abs().max().item()
+        rounding = 2 * torch.finfo(torch.float32).eps * base[key].abs().max().item()
+        error = (our_update - update).abs().max().item()
+        assert error <= 1e-5 * max(scale, 1e-12) + rounding, f"{what} {key}: max error {error:.3g} against an update of {scale:.3g}"
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_merge_matches_fusionbench(merged_by_rankone, method):
     _, groups, merged = merged_by_rankone
     base = convert_state_dict(vision_keys(groups["base"]))
-    expected = convert_state_dict(vision_keys(groups[method]))
     ours = merged[method]
-    assert set(expected) <= set(ours)
-    for key, tensor in expected.items():
-        # Compared as updates (merged − θ0), relative to the update's largest entry: what the method computes.
-        update, our_update = tensor - base[key], ours[key] - base[key]
-        scale = update.abs().max().item()
-        error = (our_update - update).abs().max().item()
-        assert error <= 1e-5 * max(scale, 1e-12), f"{method} {key}: max error {error:.3g} against an update of {scale:.3g}"
+    assert_same_update(ours, convert_state_dict(vision_keys(groups[method])), base, method)
     # The tensor FusionBench's CLIPVisionModel lacks (the projection) is not changed by experts that leave it as it was.
     assert torch.equal(ours["visual.proj"], base.get("visual.proj", ours["visual.proj"]))
+
+
+def test_emr_gives_each_task_fusionbench_s_tower_and_evaluates_with_it(merged_by_rankone):
+    from rankone.methods import load_method
+    from rankone.methods.emr import task_tower
+
+    metadata, groups, merged = merged_by_rankone
+    workspace = merged["workspace"]
+    base = convert_state_dict(vision_keys(groups["base"]))
+    ours_base = {key: value for key, value in workspace.load_tensors("base.safetensors").items() if key.startswith("visual.")}
+    for index, task in enumerate(json.loads(metadata["tasks"])):
+        tower = task_tower(merged["emr"], ours_base, index)
+        assert_same_update(tower, convert_state_dict(vision_keys(groups[f"emr/{task}"])), base, f"emr {task}")
+    # Evaluation builds each task's own tower; the count is θ0, τ_uni, the masks at a bit an entry and the rescalers.
+    model = load_method(workspace, "emr")
+    size = sum(value.numel() for value in ours_base.values())
+    tasks = len(json.loads(metadata["tasks"]))
+    assert model.parameters == 2 * size + -(-tasks * size // 32) + tasks
+    assert model.encoder_for_task("alpha") is not model.encoder_for_task("beta")
 
 
 def test_the_merges_differ_from_task_arithmetic(merged_by_rankone):
@@ -130,3 +156,17 @@ def test_wudi_leaves_out_a_task_that_did_not_change_the_matrix():
     assert torch.equal(least_interference([torch.zeros(4, 3), first, second], steps=20, lr=1e-3), pair)
     assert torch.equal(least_interference([torch.zeros(4, 3)] * 2, steps=20, lr=1e-3), torch.zeros(4, 3))
     assert not torch.allclose(pair, first + second)  # the steps moved it away from the sum
+
+
+def test_emr_is_compared_with_the_task_and_not_exported(merged_by_rankone, tmp_path):
+    from conftest import write_image_folder
+
+    workspace = merged_by_rankone[2]["workspace"]
+    labeled = write_image_folder(tmp_path / "labeled")
+    code, _, err = run_cli("compare", "-w", workspace.root, "--data", labeled, "--methods", "emr,individual,iso-c")
+    assert code == 0, err
+    rows = {row["method"]: row for row in workspace.read_json("compare.json")["rows"]}
+    assert rows["emr"]["needs_task"] and rows["individual"]["needs_task"] and not rows["iso-c"]["needs_task"]
+    assert "| emr † |" in workspace.path("compare.md").read_text()
+    code, _, _ = run_cli("export", "-w", workspace.root, "--method", "emr", "--out", tmp_path / "out")
+    assert code == 2 and not (tmp_path / "out").exists()

@@ -109,10 +109,13 @@ def print_compare(console: Console, summary: dict[str, Any]) -> None:
     table.add_column("parameters", justify="right")
     for row in summary["rows"]:
         cells = [f"{row['accuracy'][task]:.1f}" for task in summary["tasks"]]
-        table.add_row(row["method"], *cells, f"{row['average']:.1f}", relative(row["parameters"], summary["tower_parameters"]))
+        name = row["method"] + (" †" if row.get("needs_task") else "")
+        table.add_row(escape(name), *cells, f"{row['average']:.1f}", relative(row["parameters"], summary["tower_parameters"]))
     # One column per task: wider than 80 characters for many tasks, and truncated cells would hide numbers.
     Console(width=max(console.width, 50 + 11 * len(summary["tasks"]))).print(table)
     console.print(f"parameters: image model, heads excluded, relative to the pretrained image tower ({summary['tower_parameters']:,})")
+    if any(row.get("needs_task") for row in summary["rows"]):
+        console.print("†: needs the task at inference (a model per task, or an oracle told the task)")
 
 
 def size(nbytes: float) -> str:
@@ -138,7 +141,7 @@ def stage_summary(step: Step, result: Any) -> list[str]:
         return [f"{result['method']}: average {result['average']:.2f}% over {len(result['tasks'])} tasks"]
     if name == "compare" and "rows" in result:
         return [f"{row['method']:<18} {row['average']:6.1f}%   {relative(row['parameters'], result['tower_parameters'])}"
-                for row in result["rows"]]
+                + ("   (needs the task)" if row.get("needs_task") else "") for row in result["rows"]]
     if name == "build-pool" and "counts" in result:
         return [pool_counts(result)[0], f"pool {result['counts']['pool']:,} + routers {result['counts']['routers']:,} parameters "
                 f"({result['counts']['total'] / result['tower_parameters']:.4f}× the tower)"]

@@ -80,6 +80,8 @@ class Method:
     oracle: bool = False
     # Has routers whose gates `rankone eval --routing` can report.
     routed: bool = False
+    # Its model depends on the task (one tower per task, or an oracle told it): compare says so beside its row.
+    needs_task: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

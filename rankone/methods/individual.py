@@ -21,4 +21,4 @@ def load_individual(workspace: Workspace, method: str, device: torch.device) -> 
 
 
 METHOD = register(Method(name="individual", kind="reference", summary="each task's own expert", row=20,
-                         load=load_individual, eval_inputs=("base", "experts")))
+                         load=load_individual, eval_inputs=("base", "experts"), needs_task=True))

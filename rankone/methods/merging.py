@@ -182,7 +182,9 @@ def merge_workspace(
     tasks = workspace.tasks
     task_vectors = [{key: value.to(device) for key, value in vector.items()} for vector in load_task_vectors(workspace, tasks)]
     base = {key: value.to(device) for key, value in pretrained_tower(workspace).items()}
-    state = add_update(base, method.merge(task_vectors, options, progress))
+    update = method.merge(task_vectors, options, progress)
+    # A merge may keep tensors of its own beside the tower (EMR's masks); they are stored as they are.
+    state = {**add_update(base, update), **{key: value for key, value in update.items() if not key.startswith(VISUAL_PREFIX)}}
     with workspace.transaction() as staging:
         staging.save_tensors(method.output, state, metadata=merge_metadata(record, tasks))
     return record

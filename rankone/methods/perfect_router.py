@@ -35,4 +35,4 @@ def load_perfect_router(workspace: Workspace, method: str, device: torch.device)
 
 
 METHOD = register(Method(name="perfect-router", kind="reference", summary="oracle: static part + the task's own MLP weights",
-                         row=110, load=load_perfect_router, eval_inputs=("base", "experts", "pool"), oracle=True))
+                         row=110, load=load_perfect_router, eval_inputs=("base", "experts", "pool"), oracle=True, needs_task=True))

@@ -44,6 +44,7 @@ METHODS = {
     "tsv-merge": ("TaskSingularVectorMerging", {"alpha": 1.0}),
     "wudi": ("WUDIMerging", {"iter_num": 400}),
 }
+# And EMRMerging (no options), saved per task as `emr/<task>/<key>`.
 
 
 def ensure_venv() -> Path:
@@ -76,6 +77,7 @@ def build_and_merge() -> None:
     import transformers
     from fusion_bench import BaseModelPool
     from fusion_bench import method as fusion_methods
+    from fusion_bench.method.emr_merging.emr_merging import EMRMerging
     from safetensors.torch import save_file
     from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
 
@@ -102,6 +104,12 @@ def build_and_merge() -> None:
         # Not under no_grad: WUDI takes gradient steps (the others compute without gradients anyway).
         merged = getattr(fusion_methods, class_name)(**options).run(pool)
         tensors.update({f"{name}/{key}": value.detach().contiguous() for key, value in merged.state_dict().items()})
+    # EMR is one model per task: the pretrained tower modulated by each task's mask and rescaler.
+    pool = BaseModelPool({"_pretrained_": copy.deepcopy(base_vision), **{task: copy.deepcopy(model) for task, model in experts.items()}})
+    emr = EMRMerging().run(pool)
+    for task in TASKS:
+        emr.set_task(task)
+        tensors.update({f"emr/{task}/{key}": value.detach().clone().contiguous() for key, value in emr.backbone.state_dict().items()})
     OUTPUT.parent.mkdir(exist_ok=True)
     metadata = {"config": json.dumps(CONFIG), "tasks": json.dumps(TASKS), "methods": json.dumps(METHODS),
                 "fusion_bench": fusion_bench.__version__ if hasattr(fusion_bench, "__version__") else "0.2.33",

@@ -1,0 +1,115 @@
+"""EMR-Merging (Huang et al., 2024, "Tuning-Free High-Performance Model Merging"): elect, mask, rescale.
+
+Elect one task vector from all: per entry, the sign of Στ (zero read as negative, as the
+reference does), and the largest magnitude among the tasks that agree with it,
+τ_uni = sign(Στ) ⊙ max_t |τ_t ⊙ m_t|. Mask: m_t marks the entries where τ_t agrees with
+that sign. Rescale: r_t = Σ mean|τ_t| / Σ mean|m_t ⊙ τ_uni|, the sums over the tower's
+tensors (attention's packed query, key and value counted as the three tensors the
+reference sees). Task t's tower is θ0 + r_t·(m_t ⊙ τ_uni).
+
+So it needs the task at inference, as the individual experts do: `rankone eval` and
+`compare` evaluate each task with its own tower, and there is no single model to export.
+merged/emr.safetensors holds θ0 + τ_uni (the elected model, `visual.*`), each task's mask
+(`emr/mask/<index>/<key>`, booleans, by task order) and the rescalers (`emr/rescalers`, in task order).
+Its parameter count is θ0 and τ_uni, T rescalers, and the T masks at one bit an entry
+(1/32 of a float32 parameter each): 2N + T·N/32 + T for a tower of N.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from rankone.errors import RankoneError
+from rankone.methods.base import Method, MethodModel, one_task_at_a_time, pretrained_tower, register, visual_encoder
+from rankone.methods.matrices import PACKED_ATTENTION
+from rankone.methods.merging import Progress, check_vectors, merged_path
+from rankone.models import VISUAL_PREFIX, count_parameters
+from rankone.options import NoOptions, Options
+from rankone.workspace import Workspace
+
+NAME = "emr"
+MASK_PREFIX = "emr/mask/"
+RESCALERS = "emr/rescalers"
+PACKED_BIAS = "attn.in_proj_bias"
+
+
+def reference_pieces(key: str, tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors the reference's transformers layout has where open_clip packs attention's input into one."""
+    if key.endswith((PACKED_ATTENTION, PACKED_BIAS)):
+        return list(tensor.chunk(3, dim=0))
+    return [tensor]
+
+
+def mean_magnitude(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    return sum(piece.abs().mean() for piece in reference_pieces(key, tensor))
+
+
+def elect_mask_rescale(task_vectors: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]], torch.Tensor]:
+    """(τ_uni, each task's masks, the rescalers r_t)."""
+    keys = check_vectors(task_vectors)
+    unified: dict[str, torch.Tensor] = {}
+    masks: list[dict[str, torch.Tensor]] = [{} for _ in task_vectors]
+    scales = torch.zeros(len(task_vectors))
+    for key in keys:
+        vectors = [vector[key].float() for vector in task_vectors]
+        sign = torch.where(torch.stack(vectors).sum(dim=0) > 0, 1.0, -1.0)
+        largest = torch.zeros_like(vectors[0])
+        for index, vector in enumerate(vectors):
+            masks[index][key] = vector * sign > 0
+            largest = torch.maximum(largest, (vector * masks[index][key]).abs())
+            scales[index] += mean_magnitude(key, vector)
+        unified[key] = largest * sign
+    kept = torch.tensor([float(sum(mean_magnitude(key, unified[key] * mask[key]) for key in keys)) for mask in masks])
+    return unified, masks, scales / kept
+
+
+def emr(task_vectors: list[dict[str, torch.Tensor]], options: Options, progress: Progress = None) -> dict[str, torch.Tensor]:
+    """What merged/emr.safetensors holds: τ_uni as the update to θ0, the masks and the rescalers (see the module's
+    docstring); masks are named by the task's index in the workspace's task order, which the file's metadata records."""
+    unified, masks, rescalers = elect_mask_rescale(task_vectors)
+    found: dict[str, torch.Tensor] = dict(unified)
+    for index, mask in enumerate(masks):
+        found.update({f"{MASK_PREFIX}{index}/{key}": value for key, value in mask.items()})
+        if progress is not None:
+            progress(str(index))
+    found[RESCALERS] = rescalers
+    return found
+
+
+def task_tower(stored: dict[str, torch.Tensor], base: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+    """θ0 + r_t·(m_t ⊙ τ_uni) for task number `index`, τ_uni read back as stored − θ0."""
+    rescaler = stored[RESCALERS][index]
+    tower = {}
+    for key, pretrained in base.items():
+        mask = stored[f"{MASK_PREFIX}{index}/{key}"]
+        tower[key] = (pretrained.float() + rescaler * mask * (stored[key].float() - pretrained.float())).to(pretrained.dtype)
+    return tower
+
+
+def load_emr(workspace: Workspace, method: str, device: torch.device) -> MethodModel:
+    relpath = merged_path(NAME)
+    if not workspace.has(relpath):
+        raise RankoneError(f"{workspace.path(relpath)}: missing; run `rankone merge --method {NAME}` first")
+    stored = workspace.load_tensors(relpath)
+    base = {key: value for key, value in pretrained_tower(workspace).items() if key.startswith(VISUAL_PREFIX)}
+    tasks = workspace.tasks
+    if stored[RESCALERS].numel() != len(tasks):
+        raise RankoneError(f"{workspace.path(relpath)}: has {stored[RESCALERS].numel()} rescalers, the workspace {len(tasks)} tasks; "
+                           f"run `rankone merge --method {NAME}` again")
+
+    def build(task: str) -> nn.Module:
+        return visual_encoder(workspace.architecture, task_tower(stored, base, tasks.index(task)), device)
+
+    size = count_parameters(base)
+    parameters = 2 * size + math.ceil(len(tasks) * size / 32) + len(tasks)
+    return MethodModel(encoder_for_task=one_task_at_a_time(tasks, method, build), parameters=parameters, name=method)
+
+
+METHOD = register(Method(
+    name=NAME, kind="static", summary="elect one task vector, mask and rescale it per task (needs the task at inference)",
+    row=79, load=load_emr, options=NoOptions, inputs=("base", "task-vectors"), eval_inputs=("base",),
+    output=merged_path(NAME), merge=emr, needs_task=True,
+))
