@@ -47,6 +47,10 @@ DETAILS = {
     Example: rankone merge --method ties --top 0.2 --lambda 0.3
 
     Example: rankone merge --method task-arithmetic --lambda auto --data ./unlabeled --classnames-from ./test
+
+    Example: rankone merge --method iso-cts --common-fraction 0.8
+
+    Example: rankone merge --method emr  # a tower per task: eval and compare give each task its own
     """,
     "adapt": """Heads need class names: they come from --heads-source fusionbench, --classnames
     TASK=FILE, --classnames-from DIR, or the workspace's data/<task>/<class>/ folders (from
