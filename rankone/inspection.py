@@ -37,7 +37,7 @@ DEFAULT_WEMOE_TASKS = (8, 20)
 # Display order of roles; a role not listed here comes last.
 ROLES = (
     "pretrained image tower", "pretrained text tower", "image tower", "text tower", "experts", "task vectors", "merged towers",
-    "static", "pretrained MLP", "pool", "routers", "coefficients", "heads", "checkpoints", "other",
+    "static", "pretrained MLP", "pool", "routers", "coefficients", "task masks", "heads", "checkpoints", "other",
 )
 _MLP_WEIGHT = re.compile(r"(^|\.)transformer\.resblocks\.\d+\.mlp\.(c_fc|c_proj)\.weight$")
 _MAX_HEADER = 100 * 1024 * 1024
@@ -96,6 +96,9 @@ def role_of(relpath: str, name: str) -> str:
         return "experts"
     if folder == "task_vectors":
         return "task vectors"
+    if folder == "merged" and name.startswith("emr/"):
+        # EMR's per-task masks (booleans: their bytes, not their count, are what they cost) and rescalers.
+        return "task masks"
     if folder == "merged":
         return "merged towers"
     if folder == "heads" or name.startswith("heads."):

@@ -106,6 +106,9 @@ def test_role_of_names_each_kind_of_tensor():
     assert role_of("model.safetensors", "visual.transformer.resblocks.3.mlp.c_fc.pool_u") == "pool"
     assert role_of("model.safetensors", "visual.transformer.resblocks.3.mlp.router.weight") == "routers"
     assert role_of("adapted/rankone-checkpoints/step-10.safetensors", "parameters.0") == "checkpoints"
+    assert role_of("merged/emr.safetensors", "emr/mask/0/visual.conv1.weight") == "task masks"
+    assert role_of("merged/emr.safetensors", "emr/rescalers") == "task masks"
+    assert role_of("merged/emr.safetensors", "visual.conv1.weight") == "merged towers"
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, rankone_cli):
