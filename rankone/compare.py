@@ -27,6 +27,12 @@ COMPARE_JSON = "compare.json"
 COMPARE_MARKDOWN = "compare.md"
 COMPARE_FUSIONBENCH = "compare.fusionbench.json"
 INDIVIDUAL = "individual"
+NEEDS_TASK_NOTE = "†: needs the task at inference (a model per task, or an oracle told the task)"
+
+
+def method_label(row: dict[str, Any]) -> str:
+    """A row's method name, marked † when the method needs the task at inference."""
+    return row["method"] + (" †" if row.get("needs_task") else "")
 
 
 def chosen_methods(workspace: Workspace, names: Sequence[str] | None) -> list[str]:
@@ -137,14 +143,15 @@ def comparison_row(workspace: Workspace, name: str, report: dict[str, Any], towe
     """One method's row: accuracy per task and averaged, normalized by the individual experts when known
     (accuracy / the task's own expert's, as the merging literature reports it), parameters, and the options
     its output file recorded, so the table can be reproduced from itself."""
+    method = methods.get(name)
     accuracy = {task: result["accuracy"] for task, result in report["tasks"].items()}
     row: dict[str, Any] = {"method": name, "accuracy": accuracy, "average": report["average"],
                            "parameters": report["parameters"], "relative_parameters": report["parameters"] / tower,
-                           "needs_task": methods.get(name).needs_task}
+                           "needs_task": method.needs_task}
     if individual is not None:
         row["normalized"] = {task: 100.0 * value / individual[task] for task, value in accuracy.items()}
         row["normalized_average"] = sum(row["normalized"].values()) / len(row["normalized"])
-    row["options"] = {key: value for key, value in methods.get(name).settings(workspace).items()
+    row["options"] = {key: value for key, value in method.settings(workspace).items()
                       if key != "method" and isinstance(value, (bool, int, float, str))}
     return row
 
@@ -163,10 +170,9 @@ def markdown_table(summary: dict[str, Any]) -> str:
     for row in summary["rows"]:
         cells = [f"{row['accuracy'][task]:.1f}" for task in tasks] + [f"{row['average']:.1f}"]
         cells += [f"{row['normalized_average']:.1f}"] if normalized else []
-        name = row["method"] + (" †" if row.get("needs_task") else "")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {relative(row['parameters'], summary['tower_parameters'])} |")
+        lines.append(f"| {method_label(row)} | " + " | ".join(cells) + f" | {relative(row['parameters'], summary['tower_parameters'])} |")
     if any(row.get("needs_task") for row in summary["rows"]):
-        lines += ["", "†: needs the task at inference (a model per task, or an oracle told the task)."]
+        lines += ["", NEEDS_TASK_NOTE + "."]
     if normalized:
         lines += ["", "Norm.: the average over tasks of accuracy / the task's own expert's accuracy (%)."]
     return "\n".join(lines) + "\n"

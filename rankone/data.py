@@ -101,8 +101,16 @@ class DataFolders(OptionValue):
     def folders(self) -> list[Path]:
         return [*self.roots, *(folder for _, folder in self.pairs)]
 
+    def require_folders(self, flag: str, problem: str) -> DataFolders:
+        """Itself, once every folder it names exists; else `FLAG FOLDER: problem` for the first that does not."""
+        for folder in self.folders():
+            if not folder.is_dir():
+                raise RankoneError(f"{flag} {folder}: {problem}")
+        return self
+
     def __str__(self) -> str:
-        return ", ".join(self.plain()) if isinstance(self.plain(), list) else self.plain()
+        shown = self.plain()
+        return shown if isinstance(shown, str) else ", ".join(shown)
 
     def find(self, task: str) -> Path | None:
         """The task's folder, or None when no root has one."""

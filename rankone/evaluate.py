@@ -187,10 +187,7 @@ def labeled_data_root(workspace: Workspace, data: DataFolders | Path | str | Non
     """`--data` (folders, TASK=DIR pairs), or the workspace's data/ (test splits from `rankone fetch --dataset`);
     every folder must exist."""
     folders = data_folders(data) if data is not None else data_folders(workspace.path("data"))
-    for folder in folders.folders():
-        if not folder.is_dir():
-            raise RankoneError(f"--data {folder}: no such folder (fetch test splits with `rankone fetch --dataset`, or pass --data DIR)")
-    return folders
+    return folders.require_folders("--data", "no such folder (fetch test splits with `rankone fetch --dataset`, or pass --data DIR)")
 
 
 def check_tasks(workspace: Workspace, tasks: Sequence[str]) -> None:

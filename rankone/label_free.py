@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from rankone import methods
 from rankone.errors import RankoneError
@@ -52,6 +53,11 @@ def lambda_entropies(
     return entropies
 
 
+def rule_images(datasets: dict[str, Dataset], limit: int = IMAGES_PER_TASK) -> dict[str, Tensor]:
+    """The first `limit` images of each task's unlabeled dataset, stacked: what the rule measures entropy on."""
+    return {task: torch.stack([dataset[index] for index in range(min(len(dataset), limit))]) for task, dataset in datasets.items()}
+
+
 def choose_lambda(entropies: dict[float, float]) -> float:
     """The λ of lowest entropy; the smaller λ on a tie."""
     return min(entropies, key=lambda lam: (entropies[lam], lam))
@@ -66,7 +72,7 @@ def workspace_lambda(workspace, data: DataFolders | Path | None, classnames_from
     requests = head_requests(workspace, tasks, classnames_from=classnames_from)
     datasets = unlabeled_sets(data, tasks, preprocess_for(workspace.architecture))
     heads = task_heads(workspace, requests, torch.device(device))
-    images = {task: torch.stack([dataset[index] for index in range(min(len(dataset), limit))]) for task, dataset in datasets.items()}
+    images = rule_images(datasets, limit)
     entropies = lambda_entropies(workspace.architecture, pretrained_tower(workspace), load_task_vectors(workspace, tasks),
                                  heads, images, grid, device)
     return choose_lambda(entropies), entropies

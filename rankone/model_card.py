@@ -21,11 +21,11 @@ from typing import Any
 import huggingface_hub
 
 from rankone import methods
+from rankone.compare import INDIVIDUAL
 from rankone.errors import RankoneError
 from rankone.sources import HF_SCHEME, OPEN_CLIP_SCHEME, parse_hf
 from rankone.workspace import Workspace
 
-INDIVIDUAL = "individual"
 
 
 def public_source(source: str) -> str:

@@ -360,10 +360,7 @@ def head_requests(
         if unknown:
             raise RankoneError(f"{flag}: task {unknown[0]!r} is not among {', '.join(tasks)}")
     if classnames_from is not None:
-        classnames_from = data_folders(classnames_from)
-        for folder in classnames_from.folders():
-            if not folder.is_dir():
-                raise RankoneError(f"--classnames-from {folder}: not a folder")
+        classnames_from = data_folders(classnames_from).require_folders("--classnames-from", "not a folder")
     requests: HeadRequests = {}
     for task in tasks:
         names, task_templates = None, None
@@ -396,10 +393,7 @@ def unlabeled_sets(data: DataFolders | Path, tasks: list[str], transform, known:
     A task without a folder is an error, and so is a root's folder that is no task of the
     model (`known`, default `tasks`); folders of known tasks left out with --tasks are skipped.
     """
-    data = data_folders(data)
-    for folder in data.folders():
-        if not folder.is_dir():
-            raise RankoneError(f"--data {folder}: not a folder")
+    data = data_folders(data).require_folders("--data", "not a folder")
     missing = [task for task in tasks if data.find(task) is None]
     if missing:
         expected = " or ".join(f"{root / missing[0]}/" for root in data.roots) or f"{missing[0]}=DIR"

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from rankone.compare import relative
+from rankone.compare import NEEDS_TASK_NOTE, method_label, relative
 from rankone.options import OptionInfo, OptionValue
 from rankone.pipeline import PlannedStep, Step
 from rankone.workspace import Workspace
@@ -109,13 +109,12 @@ def print_compare(console: Console, summary: dict[str, Any]) -> None:
     table.add_column("parameters", justify="right")
     for row in summary["rows"]:
         cells = [f"{row['accuracy'][task]:.1f}" for task in summary["tasks"]]
-        name = row["method"] + (" †" if row.get("needs_task") else "")
-        table.add_row(escape(name), *cells, f"{row['average']:.1f}", relative(row["parameters"], summary["tower_parameters"]))
+        table.add_row(escape(method_label(row)), *cells, f"{row['average']:.1f}", relative(row["parameters"], summary["tower_parameters"]))
     # One column per task: wider than 80 characters for many tasks, and truncated cells would hide numbers.
     Console(width=max(console.width, 50 + 11 * len(summary["tasks"]))).print(table)
     console.print(f"parameters: image model, heads excluded, relative to the pretrained image tower ({summary['tower_parameters']:,})")
     if any(row.get("needs_task") for row in summary["rows"]):
-        console.print("†: needs the task at inference (a model per task, or an oracle told the task)")
+        console.print(NEEDS_TASK_NOTE)
 
 
 def size(nbytes: float) -> str:

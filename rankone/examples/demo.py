@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from rankone import label_free
-from rankone.data import ImageDataset, labeled_images, unlabeled_images
+from rankone.data import labeled_images
 from rankone.errors import RankoneError
 from rankone.examples.recipes import Zoo, recipe
 from rankone.examples.zoo import build_zoo
@@ -33,6 +33,7 @@ from rankone.pipeline import Pipeline, Step, load_pipeline
 from rankone.sources import load_source
 from rankone.task_vectors import task_vector
 from rankone.templates import templates_for
+from rankone.training import unlabeled_sets
 from rankone.workspace import Workspace
 
 PIPELINE_FILES = {"full": "demo.yaml", "quick": "demo-quick.yaml"}
@@ -62,11 +63,7 @@ def lambda_entropies(zoo: Zoo, grid: tuple[float, ...], device: torch.device | s
     heads = {task: zero_shot_head(clip_model, tokenizer, labeled_images(zoo.data("finetune"), task).classnames,
                                   template_strings(templates_for(task)), scale, device) for task in zoo.tasks}
     del clip_model
-    transform = preprocess_for(architecture)
-    images = {}
-    for task in zoo.tasks:
-        dataset = ImageDataset(unlabeled_images(zoo.data("unlabeled"), task)[:limit], None, transform)
-        images[task] = torch.stack([dataset[i] for i in range(len(dataset))])
+    images = label_free.rule_images(unlabeled_sets(zoo.data("unlabeled"), zoo.tasks, preprocess_for(architecture)), limit)
     return label_free.lambda_entropies(architecture, tower, task_vectors, heads, images, grid, device)
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from rankone.errors import RankoneError
 from rankone.methods.base import Method, MethodModel, one_task_at_a_time, pretrained_tower, register, visual_encoder
-from rankone.methods.matrices import PACKED_ATTENTION
+from rankone.methods.matrices import unpacked
 from rankone.methods.merging import Progress, check_vectors, merged_path
 from rankone.models import VISUAL_PREFIX, count_parameters
 from rankone.options import NoOptions, Options
@@ -33,18 +33,9 @@ from rankone.workspace import Workspace
 NAME = "emr"
 MASK_PREFIX = "emr/mask/"
 RESCALERS = "emr/rescalers"
-PACKED_BIAS = "attn.in_proj_bias"
-
-
-def reference_pieces(key: str, tensor: torch.Tensor) -> list[torch.Tensor]:
-    """The tensors the reference's transformers layout has where open_clip packs attention's input into one."""
-    if key.endswith((PACKED_ATTENTION, PACKED_BIAS)):
-        return list(tensor.chunk(3, dim=0))
-    return [tensor]
-
-
 def mean_magnitude(key: str, tensor: torch.Tensor) -> torch.Tensor:
-    return sum(piece.abs().mean() for piece in reference_pieces(key, tensor))
+    """Σ mean|·| over the tensors the reference's transformers layout has for `tensor` (`matrices.unpacked`)."""
+    return sum(piece.abs().mean() for piece in unpacked(key, tensor))
 
 
 def elect_mask_rescale(task_vectors: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]], torch.Tensor]:

@@ -16,16 +16,20 @@ import torch
 
 from rankone.methods.merging import Progress, check_vectors
 
-PACKED_ATTENTION = "attn.in_proj_weight"
+# open_clip packs attention's query, key and value projections (weight and bias) into one tensor each.
+PACKED_ATTENTION = ("attn.in_proj_weight", "attn.in_proj_bias")
+
+
+def unpacked(key: str, tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors transformers' layout has for `tensor`: three for a packed attention input, else itself."""
+    if key.endswith(PACKED_ATTENTION):
+        return list(tensor.chunk(3, dim=0))
+    return [tensor]
 
 
 def weight_matrices(key: str, tensor: torch.Tensor) -> list[torch.Tensor] | None:
     """The weight matrices `tensor` holds (three for a packed attention input), or None when it holds none."""
-    if tensor.dim() != 2:
-        return None
-    if key.endswith(PACKED_ATTENTION):
-        return list(tensor.chunk(3, dim=0))
-    return [tensor]
+    return unpacked(key, tensor) if tensor.dim() == 2 else None
 
 
 def merge_per_matrix(task_vectors: list[dict[str, torch.Tensor]], merge_matrix: Callable[[list[torch.Tensor]], torch.Tensor],
