@@ -102,12 +102,19 @@ def reference_loop_forward(mlp: RankOneMLP, x: torch.Tensor) -> torch.Tensor:
 
 
 def with_mlp_forward(model: nn.Module, forward: str) -> nn.Module:
-    """A copy of a routed model whose MLPs run `fused` (the library's forward), `plain` (the method's unfused formula) or the `reference` loop."""
+    """A copy of a routed model whose MLPs run `fused` (the library's forward), `plain` (the method's unfused formula),
+    the `reference` loop, or a hard gate (training-free subspace routing) `hard` (the library's: only the routed task's
+    experts) or `hard dense` (every expert computed, the others at gate 0)."""
     variant = copy.deepcopy(model)
     if forward == "fused":
         return variant
     for mlp in rankone_mlps(variant):
-        mlp.forward = mlp.plain_forward if forward == "plain" else (lambda x, mlp=mlp: reference_loop_forward(mlp, x))
+        if forward.startswith("hard"):
+            mlp.scorer, mlp.gate = "subspace", "hard"
+            if forward == "hard dense":
+                mlp.forward = mlp.dense_forward
+        else:
+            mlp.forward = mlp.plain_forward if forward == "plain" else (lambda x, mlp=mlp: reference_loop_forward(mlp, x))
     return variant
 
 

@@ -65,7 +65,9 @@ def forward_latency(models: dict, batches: dict[int, int], reference_batches: di
     static, routed = models["static"], models["routed"]
     per_batch = with_mlp_forward(routed, "fused")
     set_routing(per_batch, SELECT, "per-batch")
-    variants = {"routed per-sample": routed, "routed per-batch": per_batch}
+    variants = {"routed per-sample": routed, "routed per-batch": per_batch,
+                "routed hard (subspace), grouped": with_mlp_forward(routed, "hard"),
+                "routed hard (subspace), dense": with_mlp_forward(routed, "hard dense")}
     plain = with_mlp_forward(routed, "plain") if plain_batches else None
     reference = with_mlp_forward(routed, "reference")
     rows = []

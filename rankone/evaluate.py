@@ -5,8 +5,11 @@ Report schema (`eval/<method>.json`):
 "parameters": int, "dtype": "fp32" | "fp16" | "bf16"}`; the average is the unweighted mean
 of the task accuracies; `dtype` is the precision the image encoder ran in (heads and logits
 are always fp32). With `routing` (RankOne-MoE only) the report also has
-`"routing": {"experts": [task, ...], "gates": {task: [[share, ...] per block]}}`: for each
-task's images, the mean α' each task's experts get (`module.expert_shares`), block by block.
+`"routing": {"experts": [task, ...], "gates": {task: [[share, ...] per block]},
+"own_task": {task: [rate per block]}}`: for each task's images, the mean α' each task's experts
+get (`module.expert_shares`), block by block, and the fraction of those images whose own
+task's experts get the largest total gate (`module.own_task_rate`; a task the pool has no
+experts for has none).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from rankone.data import DataFolders, ImageDataset, LabeledImages, check_batch_s
 from rankone.errors import RankoneError
 from rankone.heads import HEAD_SOURCES, classify_logits, fusionbench_classnames_and_templates, heads_for_tasks
 from rankone.methods import MethodModel, load_method
-from rankone.methods.rankone.module import expert_shares, recording_gates, routed_tasks
+from rankone.methods.rankone.module import expert_shares, own_task_rate, recording_gates, routed_tasks
+from rankone.plots import plot_routing
 from rankone.models import DTYPES, FULL_PRECISION
 from rankone.options import Options, option
 from rankone.progress import shown
@@ -138,6 +142,7 @@ def evaluate(
             raise RankoneError(f"heads: no head for task {task!r}")
     results: dict[str, dict[str, float | int]] = {}
     gates: dict[str, list[list[float]]] = {}
+    own_task: dict[str, list[float]] = {}
     expert_tasks: list[str] = []
     bar = eval_progress() if progress else None
     with shown(bar) if bar is not None else nullcontext():
@@ -156,11 +161,13 @@ def evaluate(
             results[task] = {"accuracy": 100.0 * score.correct / score.total, "n": score.total, "loss": score.loss}
             if routing:
                 gates[task] = [expert_shares(torch.cat(block), len(expert_tasks)).tolist() for block in blocks]
+                if task in expert_tasks:
+                    own_task[task] = [own_task_rate(torch.cat(block), len(expert_tasks), expert_tasks.index(task)) for block in blocks]
     average = sum(result["accuracy"] for result in results.values()) / len(results)
     report = {"method": method_model.name, "tasks": results, "average": average, "parameters": int(method_model.parameters),
               "dtype": method_model.dtype}
     if routing:
-        report["routing"] = {"experts": expert_tasks, "gates": gates}
+        report["routing"] = {"experts": expert_tasks, "gates": gates, "own_task": own_task}
     return report
 
 
@@ -272,6 +279,7 @@ def evaluate_workspace(
     progress: bool = True,
     routing: bool = False,
     on_datasets: Callable[[dict[str, LabeledImages]], None] | None = None,
+    plot: bool = False,
 ) -> tuple[dict[str, Any], str]:
     """The whole eval stage: (report, relpath of eval/<method>.json); `dtype` as for `methods.load_method`.
 
@@ -290,4 +298,11 @@ def evaluate_workspace(
             on_datasets(datasets)
         report = evaluate(method_model, heads, datasets, device=device, batch_size=batch_size, progress=progress, routing=routing)
         relpath = write_report(workspace, report, staging)
+        if plot and routing:
+            plot_routing(report["routing"], staging.path(routing_plot_path(relpath)))
     return report, relpath
+
+
+def routing_plot_path(report_relpath: str) -> str:
+    """Where `eval --routing --plot` draws the gates: eval/<method>-routing.png, next to the report."""
+    return report_relpath.removesuffix(".json") + "-routing.png"

@@ -99,7 +99,10 @@ def role_of(relpath: str, name: str) -> str:
     if folder == "merged" and name.startswith("emr/"):
         # EMR's per-task masks (booleans: their bytes, not their count, are what they cost) and rescalers.
         return "task masks"
-    if folder == "merged":
+    if folder == "merged" and name.startswith("smile/"):
+        return "SMILE experts and routers"
+    if folder == "merged" or relpath in ("adapted/regmean.safetensors", "adapted/fisher.safetensors"):
+        # RegMean and Fisher merging read images, so `rankone adapt` writes them, but each is one merged tower.
         return "merged towers"
     if folder == "heads" or name.startswith("heads."):
         return "heads"

@@ -49,6 +49,8 @@ class Declared:
     comma_separated: bool = False
     # Also takes `auto` (AUTO), resolved by the stage that runs (`--lambda auto`).
     auto: bool = False
+    # What --help shows as the default when the default depends on another option (None: the default itself).
+    shown_default: str | None = None
 
 
 def option(default: Any = MISSING, help: str = "", *, default_factory: Callable[[], Any] | None = None, **declared: Any) -> Any:

@@ -57,6 +57,7 @@ from rankone.methods.merging import merge_step_count
 from rankone.methods.rankone import PoolOptions, build_pool_stage
 from rankone.methods.rankone.pool import POOL_FILE
 from rankone.models import resolve_device
+from rankone.plots import require_matplotlib
 from rankone.options import DEFAULT_WORKSPACE, Options, OptionInfo, OptionValue, check_value, option, parse_pairs
 from rankone.sources import fetch, preset as preset_sources
 from rankone.task_vectors import ANALYSIS_FILE, compute_task_vectors, task_vector_path
@@ -152,8 +153,9 @@ class AdaptStageOptions(AdaptOptions):
 @dataclass(frozen=True, kw_only=True)
 class EvalOptions(EvaluationOptions):
     method: str = option(help=", ".join(methods.names()) + ".")
-    routing: bool = option(False, "RankOne-MoE only: also report, for each task's images, the mean gate its routers give "
-                           "each task's experts.")
+    routing: bool = option(False, "Routed methods only: also report, for each task's images, the mean gate its routers give "
+                           "each task's experts, and how often an image's own task gets the most.")
+    plot: bool = option(False, "With --routing: draw the gates as a heatmap per block, eval/<method>-routing.png (needs matplotlib).")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -237,7 +239,12 @@ def _run_merge(workspace: Workspace, options: MergeOptions, method_options: Opti
 
 def _run_adapt(workspace: Workspace, options: AdaptStageOptions, method_options: Options, context: Context) -> dict:
     run_options = dataclasses.replace(options, device=context.device, progress=context.progress, note=context.note)
-    written = methods.get(options.method, "adaptive").adapt(workspace, run_options, method_options)
+    method = methods.get(options.method, "adaptive")
+    written = method.adapt(workspace, run_options, method_options)
+    if not workspace.has(curve_path(written)):
+        # A merge from statistics (RegMean, Fisher) trains nothing: its record says what it read.
+        settings = method.settings(workspace)
+        return {"written": written, "images": settings.get("images", {}), "seconds": settings.get("seconds", 0.0)}
     return {"written": written, **adaptation_summary(workspace, curve_path(written))}
 
 
@@ -246,7 +253,7 @@ def adaptation_summary(workspace: Workspace, curve: str) -> dict:
     mean entropy at the first and the last step, images per second and time."""
     log = workspace.read_json(curve)
     losses, task_losses = log["losses"], log["task_losses"]
-    return {"curve": curve, "steps": len(losses), "first_step": log["first_step"],
+    return {"curve": curve, "objective": log.get("objective", "mean entropy"), "steps": len(losses), "first_step": log["first_step"],
             "loss": [losses[log["first_step"] - 1], losses[-1]] if len(losses) >= log["first_step"] else [],
             "entropy": {task: [values[0], values[-1]] for task, values in task_losses.items() if values},
             "images_per_second": log["images_per_second"], "seconds": log["seconds"]}
@@ -278,6 +285,10 @@ def _run_eval(workspace: Workspace, options: EvalOptions, method_options: None, 
     if options.routing and not method.routed:
         raise RankoneError(f"--routing: --method {options.method} has no routers; only --method "
                            + ", ".join(m.name for m in methods.registered() if m.routed) + " does")
+    if options.plot and not options.routing:
+        raise RankoneError("--plot: draws the routing; use it with --routing")
+    if options.plot:
+        require_matplotlib()
     tasks = options.tasks or workspace.tasks
     check_tasks(workspace, tasks)
     if options.dtype == "fp16" and context.device.type == "cpu":
@@ -298,7 +309,7 @@ def _run_eval(workspace: Workspace, options: EvalOptions, method_options: None, 
         classnames=per_task_lists(options.classnames, "--classnames", tasks, "class names"),
         templates=per_task_lists(options.templates, "--templates", tasks, "templates"),
         device=context.device, dtype=options.dtype, batch_size=options.batch_size, progress=context.progress,
-        routing=options.routing, on_datasets=report_skipped,
+        routing=options.routing, on_datasets=report_skipped, plot=options.plot,
     )
     return {**report, "written": relpath}
 
@@ -345,7 +356,9 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           lambda tasks, options: ["base.safetensors", *(task_vector_path(task) for task in tasks)]),
     Stage("merge", MergeOptions, _run_merge, _method_output, _method_inputs, method_kind="static"),
     Stage("adapt", AdaptStageOptions, _run_adapt, _method_output, _method_inputs, method_kind="adaptive"),
-    Stage("eval", EvalOptions, _run_eval, lambda tasks, options: [f"eval/{options.method}.json"], _eval_inputs, method_kind="any"),
+    Stage("eval", EvalOptions, _run_eval,
+          lambda tasks, options: [f"eval/{options.method}.json", *([f"eval/{options.method}-routing.png"] if options.plot else [])],
+          _eval_inputs, method_kind="any"),
     Stage("compare", CompareOptions, _run_compare,
           # It rewrites the eval report of every method it evaluates, so an earlier eval's report is compare's now.
           lambda tasks, options: ["compare.json", "compare.md", "compare.fusionbench.json", *(f"eval/{name}.json" for name in options.methods or methods.names())],

@@ -55,3 +55,30 @@ def plot_curves(curves: dict[str, list[float]], path: Path, ylabel: str, first_s
         axes.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(len(curves), 4), frameon=False)
     figure.savefig(path, dpi=120)
     return path
+
+
+def plot_routing(routing: dict[str, Any], path: Path) -> Path:
+    """One heatmap per block: mean gate by whose images (rows) and whose experts (columns), as `eval --routing` reports it."""
+    require_matplotlib()
+    from matplotlib.figure import Figure
+
+    experts, gates = routing["experts"], routing["gates"]
+    rows = list(gates)
+    blocks = len(next(iter(gates.values())))
+    columns = min(blocks, 4)
+    grid_rows = -(-blocks // columns)
+    figure = Figure(figsize=(2.6 * columns + 1.0, 2.4 * grid_rows + 0.4), layout="constrained")
+    axes = figure.subplots(grid_rows, columns, squeeze=False)
+    largest = max(max(max(block) for block in per_block) for per_block in gates.values()) or 1.0
+    for block in range(grid_rows * columns):
+        axis = axes[block // columns][block % columns]
+        if block >= blocks:
+            axis.set_visible(False)
+            continue
+        image = axis.imshow([gates[task][block] for task in rows], vmin=0.0, vmax=largest, cmap="viridis", aspect="auto")
+        axis.set_title(f"block {block}", fontsize=9)
+        axis.set_xticks(range(len(experts)), experts, rotation=60, fontsize=7)
+        axis.set_yticks(range(len(rows)), rows, fontsize=7)
+    figure.colorbar(image, ax=axes, shrink=0.8, label="mean gate (rows: images' task, columns: experts' task)")
+    figure.savefig(path, dpi=120)
+    return path

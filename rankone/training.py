@@ -78,7 +78,7 @@ class StepBatches(Sampler[list[int]]):
             yield batch_indices(self.size, self.batch_size, self.seed, self.task, step)
 
 
-def _images_only(items: list) -> Tensor:
+def images_only(items: list) -> Tensor:
     """Collate that keeps the image of (image, label) items, or the items themselves."""
     return torch.stack([item[0] if isinstance(item, (tuple, list)) else item for item in items])
 
@@ -98,8 +98,10 @@ def minimise_entropy(
     resume: dict | None = None,
     progress: bool = True,
     workers: int = 0,
+    objective: Callable[[Tensor, str], Tensor] | None = None,
 ) -> TrainingLog:
-    """Train `parameters` with Adam to minimise Σ_tasks mean entropy of classify(images, task).
+    """Train `parameters` with Adam to minimise Σ_tasks mean entropy of classify(images, task)
+    (or Σ_tasks objective(images, task), when given: the task routers' cross-entropy).
 
     Returns the loss of every step (including those before `resume`), each task's mean
     entropy at every step this call ran, and the throughput. `checkpoint(step,
@@ -127,7 +129,7 @@ def minimise_entropy(
         start, losses = int(resume["step"]), list(resume["losses"])[: int(resume["step"])]
     loaders = {
         task: iter(DataLoader(dataset, batch_sampler=StepBatches(len(dataset), batch_size, seed, task, start, steps),
-                              num_workers=workers, collate_fn=_images_only))
+                              num_workers=workers, collate_fn=images_only))
         for task, dataset in unlabeled.items()
     }
     bar = _progress(progress)
@@ -143,7 +145,7 @@ def minimise_entropy(
             for task, loader in loaders.items():
                 batch = next(loader).to(device, non_blocking=True)
                 # One backward per task frees each task's graph early; gradients add up to those of the sum.
-                loss = batch_entropy(classify(batch, task))
+                loss = objective(batch, task) if objective is not None else batch_entropy(classify(batch, task))
                 loss.backward()
                 total += float(loss.detach())
                 task_losses[task].append(float(loss.detach()))
@@ -165,18 +167,19 @@ def minimise_entropy(
 
 @dataclass
 class TrainingLog:
-    """What an adaptation did: the loss (Σ over tasks of the mean entropy) of every step, from step 1
-    even when resumed; each task's mean entropy at the steps this run made (from `start`); throughput."""
+    """What an adaptation did: the loss (Σ over tasks of the mean entropy, or of `objective`) of every step,
+    from step 1 even when resumed; each task's at the steps this run made (from `start`); throughput."""
 
     losses: list[float]
     task_losses: dict[str, list[float]]
     start: int = 0
     images: int = 0
     seconds: float = 0.0
+    objective: str = "mean entropy"
 
     def curve(self) -> dict[str, Any]:
         """The loss curve as JSON: what `rankone adapt` writes next to the trained tensors."""
-        return {"losses": self.losses, "task_losses": self.task_losses, "first_step": self.start + 1,
+        return {"objective": self.objective, "losses": self.losses, "task_losses": self.task_losses, "first_step": self.start + 1,
                 "images_per_second": self.images / self.seconds if self.seconds > 0 else None, "seconds": self.seconds}
 
 
@@ -192,8 +195,9 @@ def _progress(enabled: bool):
 class AdaptOptions(Options):
     """The adapt stage's options, shared by every adaptive method (each adds its own, such as the lr)."""
 
-    data: DataFolders = option(help="Unlabeled images, DATA/<task>/**/<image>. Several folders are searched in order "
-                               "for <task>/; TASK=DIR names one task's own folder. Repeatable.", existing_folder=True)
+    data: DataFolders | None = option(None, "Unlabeled images, DATA/<task>/**/<image>. Several folders are searched in order "
+                                      "for <task>/; TASK=DIR names one task's own folder. Repeatable. Needed by every "
+                                      "method but RankOne-MoE's training-free --router subspace.", existing_folder=True)
     steps: int = option(1000, "Adam steps (each sees one batch of every task).", low=0)
     batch_size: int = option(16, "Images per task per step.", low=1)
     seed: int = seed_option("Seed for the initialisation (routers, coefficients) and the data order.")
@@ -299,6 +303,7 @@ def adapt_with_checkpoints(
     config: dict[str, Any],
     lr: float,
     resume: dict | None = None,
+    objective: Callable[[Tensor, str], Tensor] | None = None,
 ) -> TrainingLog:
     """`minimise_entropy` with workspace checkpoints under adapted/<method>-checkpoints/.
 
@@ -311,7 +316,7 @@ def adapt_with_checkpoints(
         classify, parameters, unlabeled, steps=options.steps, batch_size=options.batch_size, lr=lr,
         seed=options.seed, device=options.device, save_every=options.save_every,
         checkpoint=lambda step, state: save_checkpoint(workspace, method, step, state, config),
-        resume=resume, progress=options.progress, workers=options.workers,
+        resume=resume, progress=options.progress, workers=options.workers, objective=objective,
     )
 
 
@@ -386,13 +391,15 @@ def task_heads(workspace: Workspace, requests: HeadRequests, device: torch.devic
     return {task: head.to(device) for task, head in heads_for_tasks(workspace, requests, device).items()}
 
 
-def unlabeled_sets(data: DataFolders | Path, tasks: list[str], transform, known: list[str] | None = None,
+def unlabeled_sets(data: DataFolders | Path | None, tasks: list[str], transform, known: list[str] | None = None,
                    note: Callable[[str], None] = lambda line: None) -> dict[str, Dataset]:
     """One dataset of unlabeled images per task from DATA/<task>/ (the first root that has it) or its TASK=DIR.
 
     A task without a folder is an error, and so is a root's folder that is no task of the
     model (`known`, default `tasks`); folders of known tasks left out with --tasks are skipped.
     """
+    if data is None:
+        raise RankoneError("--data: required: the unlabeled images, DATA/<task>/**/<image>")
     data = data_folders(data).require_folders("--data", "not a folder")
     missing = [task for task in tasks if data.find(task) is None]
     if missing:

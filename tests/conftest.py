@@ -294,3 +294,80 @@ def task_vectors_of(base_state: dict[str, torch.Tensor], expert_states: dict[str
     base_visual = visual_state(base_state)
     return [{key: expert[key] - base_visual[key] for key in base_visual} for expert in expert_states.values()]
 
+
+
+# ---- FusionBench's references (tests/reference/make_references.py) ----------------------------
+
+REFERENCE_DATA = Path(__file__).parent / "reference" / "data"
+DATA_FREE = REFERENCE_DATA / "data_free_merges.safetensors"
+DATA_MERGES = REFERENCE_DATA / "data_merges.safetensors"
+
+
+def reference(path: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """A file of tests/reference/data: its metadata and its tensors grouped by name prefix (`expert/alpha/<key>`)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for name in handle.keys():
+            group, _, key = name.rpartition("/")
+            groups.setdefault(group, {})[key] = handle.get_tensor(name)
+    return metadata, groups
+
+
+def vision_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIPVisionModel state dict without the `vision_model.` wrapper that transformers 4 adds."""
+    return {key.removeprefix("vision_model."): value for key, value in state.items()}
+
+
+def run_cli(*arguments) -> tuple[int, str, str]:
+    """`rankone ARGS` in this process, as the rankone_cli fixture runs it (which a module-scoped fixture cannot use)."""
+    import sys
+    from unittest import mock
+
+    from rankone.cli import main
+
+    with mock.patch.object(sys, "argv", ["rankone", *map(str, arguments)]):
+        try:
+            main()
+        except SystemExit as exit_:
+            return (exit_.code if isinstance(exit_.code, int) else 1), "", f"rankone {arguments[0]} exited with {exit_.code}"
+    return 0, "", ""
+
+
+def fetched_reference(root: Path, metadata: dict, groups: dict[str, dict[str, torch.Tensor]]) -> Workspace:
+    """The reference's base and experts written as transformers folders, then `rankone fetch` and `task-vectors`."""
+    import json
+
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
+
+    config = CLIPConfig(**json.loads(metadata["config"]))
+    torch.manual_seed(0)
+    base = CLIPModel(config).eval()
+    base.vision_model.load_state_dict(vision_keys(groups["base"]))
+    base.save_pretrained(root / "base")
+    arguments = ["fetch", "--base", root / "base", "-w", root / "work"]
+    for task in json.loads(metadata["tasks"]):
+        expert = CLIPVisionModel(config.vision_config).eval()
+        getattr(expert, "vision_model", expert).load_state_dict(vision_keys(groups[f"expert/{task}"]))
+        expert.save_pretrained(root / task)
+        arguments += ["--expert", f"{task}={root / task}"]
+    for command in (arguments, ["task-vectors", "-w", root / "work"]):
+        code, _, err = run_cli(*command)
+        assert code == 0, err
+    return Workspace(root / "work")
+
+
+def assert_same_update(ours: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], base: dict[str, torch.Tensor], what: str,
+                       tolerance: float = 1e-5) -> None:
+    """Compared as updates (merged − θ0), to `tolerance` of the update's largest entry: what the method computes; plus two
+    float32 steps of θ0's largest entry, the rounding of θ0 + update itself (EMR reads its update back from the stored
+    θ0 + τ_uni, which costs one such step on the LayerNorm weights near 1)."""
+    assert set(expected) <= set(ours)
+    for key, tensor in expected.items():
+        update, our_update = tensor - base[key], ours[key] - base[key]
+        scale = update.abs().max().item()
+        rounding = 2 * torch.finfo(torch.float32).eps * base[key].abs().max().item()
+        error = (our_update - update).abs().max().item()
+        assert error <= tolerance * max(scale, 1e-12) + rounding, f"{what} {key}: max error {error:.3g} against an update of {scale:.3g}"

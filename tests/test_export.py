@@ -52,7 +52,7 @@ STATIC_EXPORTS = [method.name for method in methods.registered() if method.tower
 
 def test_every_single_model_method_exports_statically():
     assert set(STATIC_EXPORTS) == {"pretrained", "weight-averaging", "task-arithmetic", "ties", "dare", "model-stock", "tsv-merge",
-                                   "iso-c", "iso-cts", "wudi", "adamerging"}
+                                   "iso-c", "iso-cts", "wudi", "adamerging", "regmean", "fisher"}
 
 
 @pytest.mark.parametrize("method", STATIC_EXPORTS)
@@ -61,6 +61,14 @@ def test_static_export_loads_in_open_clip_unmodified(tmp_path, every_stage_works
 
     if methods.get(method).kind == "static" and not every_stage_workspace.has(methods.get(method).output):
         assert rankone_cli("merge", "--method", method, "-w", every_stage_workspace.root)[0] == 0
+    if method in ("regmean", "fisher"):
+        # Merges from statistics of unlabeled images: the fixture's heads take their class names from labeled_data.
+        from conftest import write_image_folder
+
+        folder = write_image_folder(tmp_path / "images", per_class=1)
+        code, _, err = rankone_cli("adapt", "--method", method, "-w", every_stage_workspace.root, "--data", folder,
+                                   "--classnames-from", folder, "--examples", "2")
+        assert code == 0, err
     out = tmp_path / "exported"
     code, stdout, err = rankone_cli("export", "--method", method, "-w", every_stage_workspace.root, "--out", out)
     assert code == 0, err

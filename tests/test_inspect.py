@@ -109,6 +109,9 @@ def test_role_of_names_each_kind_of_tensor():
     assert role_of("merged/emr.safetensors", "emr/mask/0/visual.conv1.weight") == "task masks"
     assert role_of("merged/emr.safetensors", "emr/rescalers") == "task masks"
     assert role_of("merged/emr.safetensors", "visual.conv1.weight") == "merged towers"
+    assert role_of("adapted/regmean.safetensors", "visual.conv1.weight") == "merged towers"
+    assert role_of("adapted/fisher.safetensors", "visual.proj") == "merged towers"
+    assert role_of("merged/smile.safetensors", "smile/transformer.resblocks.0.mlp.c_fc/up") == "SMILE experts and routers"
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, rankone_cli):

@@ -9,7 +9,7 @@ when the maths is meant to change.
 
 Float results can differ between processors, so the check is bit-exact on the processor
 (its name, family, model and stepping) and torch version the file was made with, and within
-1e-6 elsewhere; the file records which. It was last rewritten on an AMD EPYC of family 25
+1e-5 elsewhere (CROSS_PROCESSOR); the file records which. It was last rewritten on an AMD EPYC of family 25
 model 17 after checking the outputs matched the earlier pin (made on another EPYC) to 1e-6.
 """
 
@@ -30,6 +30,9 @@ from rankone.methods.base import router_state
 from rankone.methods.rankone.module import set_routing
 
 PIN = Path(__file__).parent / "data" / "routed_pin.safetensors"
+# Another processor rounds differently, and two Adam steps at lr 1e-2 carry that into the routers: an Intel Xeon's
+# outputs differ from the EPYC pin by up to 1.4e-6.
+CROSS_PROCESSOR = 1e-5
 
 
 def processor() -> str:

@@ -24,7 +24,7 @@ COMMANDS: dict[str, Entry] = {
     "task-vectors": Entry(STAGES, "Compute task vectors τ = θt − θ0 and where fine-tuning moved the weights."),
     "build-pool": Entry(STAGES, "Split every MLP task vector into its top-k rank-one experts; merge the rest statically."),
     "merge": Entry(STAGES, "Merge the task vectors statically into one image tower: merged/<method>.safetensors."),
-    "adapt": Entry(STAGES, "Train an adaptive method on unlabeled test images by entropy minimisation."),
+    "adapt": Entry(STAGES, "Train an adaptive method on unlabeled images (entropy minimisation), or merge from their statistics (regmean, fisher)."),
     "eval": Entry(STAGES, "Top-1 accuracy of a method on each task's labeled test images; writes eval/<method>.json."),
     "compare": Entry(STAGES, "Evaluate every method the workspace can run, like the paper's Table 1."),
     "export": Entry(STAGES, "Write a method's model as one self-contained folder."),

@@ -36,7 +36,9 @@ def _cli_type(info: OptionInfo, optional: bool) -> Any:
     return Optional[base] if optional else base
 
 
-def _shown(value: Any) -> str:
+def _shown(value: Any, info: OptionInfo | None = None) -> str:
+    if info is not None and info.declared.shown_default is not None:
+        return info.declared.shown_default
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -51,11 +53,11 @@ def merged_options(classes: list[type[Options]], owners: dict[type[Options], lis
     for entries in merged.values():
         first = entries[0][0]
         users = sorted({name for _, names in entries for name in names})
-        defaults = {_shown(info.default) for info, _ in entries if info.default is not MISSING}
+        defaults = {_shown(info.default, info) for info, _ in entries if info.default is not MISSING}
         if len(defaults) == 1:
             default_text = f"default {defaults.pop()}"
         else:
-            default_text = "default " + "; ".join(f"{', '.join(names)}: {_shown(info.default)}" for info, names in entries)
+            default_text = "default " + "; ".join(f"{', '.join(names)}: {_shown(info.default, info)}" for info, names in entries)
         who = "" if users == everyone else f"{', '.join(users)} only; "
         found.append((first, f"{first.declared.help} ({who}{default_text})"))
     return found

@@ -93,10 +93,14 @@ def routing_table(routing: dict[str, Any]) -> Table:
     table.add_column("images")
     for task in experts:
         table.add_column(escape(task), justify="right")
+    own_task = routing.get("own_task", {})
+    table.add_column("own task picked", justify="right")
     for task, per_block in routing["gates"].items():
         shares = [sum(block[index] for block in per_block) / len(per_block) for index in range(len(experts))]
         largest = max(shares)
-        table.add_row(escape(task), *(f"[bold]{share:.3f}[/bold]" if share == largest else f"{share:.3f}" for share in shares))
+        rates = own_task.get(task)
+        picked = f"{100 * sum(rates) / len(rates):.0f}%" if rates else "–"
+        table.add_row(escape(task), *(f"[bold]{share:.3f}[/bold]" if share == largest else f"{share:.3f}" for share in shares), picked)
     return table
 
 
@@ -153,11 +157,17 @@ def stage_summary(step: Step, result: Any) -> list[str]:
 
 def adaptation_lines(result: dict[str, Any]) -> list[str]:
     """adapt's summary: whether the loss went down, per task, and how fast."""
+    if "images" in result:
+        counts = ", ".join(f"{task} {count}" for task, count in result["images"].items())
+        return [f"statistics of each expert on its own unlabeled images ({counts}), {result['seconds']:.1f} s"]
+    if result.get("objective", "").startswith("none"):
+        return ["training-free routers: nothing to train, the gates come from the pool itself"]
     if not result.get("loss"):
         return [f"no step to run: the routers are as the checkpoint left them at step {result.get('steps', 0)}"]
     (first, last), steps = result["loss"], f"steps {result['first_step']}-{result['steps']}"
-    lines = [f"loss (sum over tasks of the mean entropy) {first:.4f} → {last:.4f} over {steps}"]
-    lines.append("mean entropy, first → last step: " + ", ".join(f"{task} {start:.3f} → {end:.3f}" for task, (start, end) in result["entropy"].items()))
+    objective = result.get("objective", "mean entropy")
+    lines = [f"loss (sum over tasks of the {objective}) {first:.4f} → {last:.4f} over {steps}"]
+    lines.append(f"{objective}, first → last step: " + ", ".join(f"{task} {start:.3f} → {end:.3f}" for task, (start, end) in result["entropy"].items()))
     rate = result.get("images_per_second")
     lines.append((f"{rate:,.1f} images/s, " if rate else "") + f"{result['seconds']:.1f} s")
     return lines

@@ -18,6 +18,7 @@ from rankone.cli import render
 from rankone.cli.app import command, console, error_console, say, step_bar
 from rankone.cli.flags import KEYWORD, stage_command
 from rankone.errors import RankoneError
+from rankone.evaluate import routing_plot_path
 from rankone.examples import demo
 from rankone.models import resolve_device
 from rankone.sources import describe_presets
@@ -59,6 +60,20 @@ DETAILS = {
     Example: rankone adapt -w rankone-work --data ./unlabeled --classnames-from ./test --steps 1000
 
     Example: rankone adapt --data ./unlabeled --data cars=/data/cars-unlabeled --classnames-from ./test
+
+    RegMean and Fisher merging train nothing: they read each expert's statistics on --examples
+    images per task and write one merged tower (--steps is not used; regmean needs no class names).
+
+    Example: rankone adapt --method regmean --data ./unlabeled --examples 256
+
+    Example: rankone adapt --method fisher --data ./unlabeled --classnames-from ./test
+
+    RankOne-MoE's --router subspace is training-free (no --data); --router task trains the
+    routers to tell the folders' tasks apart (no class labels):
+
+    Example: rankone adapt --router subspace --classnames-from ./test
+
+    Example: rankone adapt --router task --data ./unlabeled --steps 200
     """,
     "eval": """Heads are zero-shot heads of the pretrained text tower, cached in heads/. --dtype bf16
     runs the image encoder in half precision; the report records the dtype.
@@ -70,7 +85,7 @@ DETAILS = {
 
     Example: rankone eval --method rankone --dtype bf16
 
-    Example: rankone eval --method rankone --routing
+    Example: rankone eval --method rankone --routing --plot
 
     Example: rankone eval --method ties --data ./my-test --data cars=/data/cars-test
     """,
@@ -161,7 +176,8 @@ def _adapt(values: dict[str, Any]) -> None:
     workspace, result = run_command("adapt", values)
     for line in render.adaptation_lines(result):
         say(line)
-    say(f"wrote {workspace.path(result['written'])} and its loss curve {workspace.path(result['curve'])}")
+    curve = f" and its loss curve {workspace.path(result['curve'])}" if "curve" in result else ""
+    say(f"wrote {workspace.path(result['written'])}{curve}")
 
 
 def _eval(values: dict[str, Any]) -> None:
@@ -171,7 +187,8 @@ def _eval(values: dict[str, Any]) -> None:
     console.print(f"image model parameters (heads excluded): {report['parameters']:,}")
     if values.get("routing"):
         console.print(render.routing_table(report["routing"]))
-    say(f"wrote {workspace.path(report['written'])}")
+    plot = f" and {workspace.path(routing_plot_path(report['written']))}" if values.get("plot") else ""
+    say(f"wrote {workspace.path(report['written'])}{plot}")
 
 
 def _compare(values: dict[str, Any]) -> None:

@@ -18,10 +18,12 @@ from rankone.finetune import FinetuneOptions, finetune_expert, load_base
 from rankone.heads import read_lines
 from rankone.hub import push as push_folder
 from rankone.inspection import DEFAULT_TASKS, architecture_report, inventory
-from rankone.methods import load
+from rankone.methods import load, method_classifier
 from rankone.methods.artifact import TOP_CLASSES, predict as predict_images
 from rankone.models import named_architecture, resolve_device, resolve_dtype
 from rankone.sources import HF_SCHEME
+from rankone.training import head_requests
+from rankone.workspace import Workspace
 
 
 @command("predict")
@@ -31,6 +33,11 @@ def predict(
     top: Annotated[int, typer.Option("--top", help="How many classes to print.")] = TOP_CLASSES,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Precision the image tower computes in: fp32 (default), fp16 or bf16.")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="With a workspace: predict with this method instead of the "
+                                                  "adapted RankOne-MoE (any method `rankone eval` runs; emr and individual use --task's own tower).")] = None,
+    classnames_from: Annotated[Optional[Path], typer.Option("--classnames-from", help="With --method: a labeled folder "
+                                                            "DIR/<task>/<class>/ to take --task's class names from (default: the workspace's data/).")] = None,
+    heads_source: Annotated[str, typer.Option("--heads-source", help="With --method: builtin or fusionbench (class names and templates).")] = "builtin",
     workspace: WorkspaceOption = DEFAULT_WORKSPACE,
     device: DeviceOption = "auto",
 ) -> None:
@@ -41,6 +48,8 @@ def predict(
     Example: rankone predict -w rankone-work --task cars --dtype bf16 photo1.jpg
 
     Example: rankone predict hf:my-org/rankone-vit-b-32 --task cars photo1.jpg
+
+    Example: rankone predict -w rankone-work --method emr --task cars --classnames-from ./test photo1.jpg
     """
     if dtype is not None:
         resolve_dtype(dtype)
@@ -53,7 +62,12 @@ def predict(
         raise RankoneError(f"predict: no IMAGE given after the model folder {model_dir}")
     if model_dir == workspace and not Path(workspace).is_dir():
         raise RankoneError(f"-w {workspace}: no such workspace; pass the model folder first (rankone predict DIR --task TASK IMAGE...) or -w WORKSPACE")
-    model = load(model_dir, resolve_device(device), dtype)
+    if method is None:
+        if classnames_from is not None or heads_source != "builtin":
+            raise RankoneError("--classnames-from and --heads-source: only with --method (an export or adapted model has its heads)")
+        model = load(model_dir, resolve_device(device), dtype)
+    else:
+        model = workspace_method_model(Path(model_dir), method, task, classnames_from, heads_source, device, dtype)
     results = predict_images(model, images, task, top)
     if as_json:
         print(json.dumps(results, indent=2))
@@ -62,6 +76,16 @@ def predict(
         console.print(f"[bold]{escape(result['image'])}[/]", soft_wrap=True, highlight=False)
         for entry in result["top"]:
             console.print(f"  {entry['probability']:7.2%}  {escape(entry['class'])}", highlight=False)
+
+
+def workspace_method_model(folder: Path, method: str, task: str, classnames_from: Path | None, heads_source: str,
+                           device: str, dtype: str | None):
+    """`predict --method`: the workspace's `method` for `task`, with a head from the given class names."""
+    workspace = Workspace(folder)
+    if not workspace.exists():
+        raise RankoneError(f"--method {method}: {folder} is not a workspace (an export predicts with its own method)")
+    requests = head_requests(workspace, [task], heads_source, classnames_from)
+    return method_classifier(workspace, method, task, requests, resolve_device(device), dtype)
 
 
 @command("push")

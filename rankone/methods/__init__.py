@@ -23,7 +23,7 @@ from rankone.methods.rankone.artifact import load_workspace
 from rankone.models import FULL_PRECISION, PrecisionEncoder, dtype_name, preprocess_for, resolve_dtype
 from rankone.options import Options
 from rankone.sources import HF_SCHEME
-from rankone.training import AdaptOptions
+from rankone.training import AdaptOptions, task_heads
 from rankone.workspace import Workspace
 
 # Every module registers its method on import: the package's contents are the registry.
@@ -143,6 +143,23 @@ def load(path: Path | str, device: torch.device | str = "cpu", dtype: str | torc
     raise RankoneError(f"{path}: neither an exported model (no {CONFIG_FILE}) nor a workspace (no manifest.json)")
 
 
+def method_classifier(workspace: Workspace, method: str, task: str, requests: Any, device: torch.device | str = "cpu",
+                      dtype: str | torch.dtype | None = None) -> Classifier:
+    """Any evaluable method of a workspace as a classifier for one task: that task's encoder (its own tower, for
+    methods that need the task) with the zero-shot head of `requests` ({task: (class names, templates)},
+    `training.head_requests`). What `rankone predict --method NAME` runs."""
+    chosen = get(method)
+    missing = chosen.missing_files(workspace)
+    if missing:
+        raise RankoneError(f"--method {method}: {workspace.path(missing[0])} is missing; build it first")
+    device = torch.device(device)
+    method_model = load_method(workspace, method, device, dtype or FULL_PRECISION)
+    heads = task_heads(workspace, requests, device)
+    names, _ = requests[task]
+    config = {"architecture": workspace.architecture, "method": method, "needs_task": chosen.needs_task}
+    return Classifier(method_model.encoder_for_task(task), heads, {task: list(names)}, config).to(device).eval()
+
+
 def available_methods(workspace: Workspace, include_oracles: bool = False) -> list[str]:
     """Names of the methods whose inputs the workspace holds, in compare's row order.
 
@@ -154,6 +171,6 @@ def available_methods(workspace: Workspace, include_oracles: bool = False) -> li
 
 
 __all__ = [
-    "Classifier", "Method", "MethodModel", "adapt_workspace", "available_methods", "get", "load", "load_method",
+    "Classifier", "Method", "MethodModel", "adapt_workspace", "available_methods", "get", "load", "load_method", "method_classifier",
     "merge_task_vectors", "merge_workspace", "merged_state", "method_options", "names", "registered",
 ]

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from rankone.errors import RankoneError
-from rankone.methods.base import Method, MethodModel, pretrained_tower, register, visual_encoder
+from rankone.methods.base import Method, MethodModel, one_tower_model, pretrained_tower, register
 from rankone.models import VISUAL_PREFIX, load_visual, visual_state
 from rankone.options import DEFAULT_LAMBDA, Options, learning_rate_option
 from rankone.task_vectors import load_task_vectors
@@ -187,10 +187,7 @@ def adamerging_tower(workspace: Workspace) -> dict[str, Tensor]:
 
 def load_adamerging(workspace: Workspace, method: str, device: torch.device) -> MethodModel:
     """The eval loader: one merged tower, from the trained coefficients, for every task."""
-    merged = adamerging_tower(workspace)
-    encoder = visual_encoder(workspace.architecture, merged, device)
-    parameters = sum(tensor.numel() for tensor in merged.values())
-    return MethodModel(encoder_for_task=lambda task: encoder, parameters=parameters, name=method)
+    return one_tower_model(workspace, adamerging_tower(workspace), method, device)
 
 
 def adapt_adamerging(workspace: Workspace, options: AdaptOptions, method_options: AdaMergingOptions) -> str:

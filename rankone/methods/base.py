@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from rankone.errors import RankoneError
-from rankone.models import FULL_PRECISION, load_clip, visual_state
+from rankone.models import FULL_PRECISION, count_parameters, load_clip, visual_state
 from rankone.options import NoOptions, Options
 from rankone.task_vectors import task_vector_path
 from rankone.workspace import Workspace, read_tensors_metadata
@@ -154,6 +154,12 @@ def visual_encoder(architecture: dict[str, Any], visual_tensors: dict[str, torch
     encoder = model.visual
     del model
     return encoder.to(device).eval()
+
+
+def one_tower_model(workspace: Workspace, tower: dict[str, torch.Tensor], method: str, device: torch.device | str) -> MethodModel:
+    """A method that is one image tower (`visual.*` tensors) for every task, ready to evaluate."""
+    encoder = visual_encoder(workspace.architecture, tower, device)
+    return MethodModel(encoder_for_task=lambda task: encoder, parameters=count_parameters(visual_state(tower)), name=method)
 
 
 def one_task_at_a_time(tasks: list[str], method: str, build: Callable[[str], nn.Module]) -> Callable[[str], nn.Module]:

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from rankone.errors import RankoneError
-from rankone.methods.base import Method, MethodModel, pretrained_tower, register, visual_encoder
-from rankone.models import VISUAL_PREFIX, build_visual, count_parameters, visual_state
+from rankone.methods.base import Method, MethodModel, one_tower_model, pretrained_tower, register
+from rankone.models import VISUAL_PREFIX, build_visual
 from rankone.options import AUTO, Options
 from rankone.task_vectors import load_task_vectors
 from rankone.workspace import Workspace
@@ -200,9 +200,7 @@ def merged_tower(workspace: Workspace, method: str) -> dict[str, torch.Tensor]:
 
 def load_merged(workspace: Workspace, method: str, device: torch.device) -> MethodModel:
     """The eval loader of every static merge: merged/<method>.safetensors as one tower for all tasks."""
-    merged = merged_tower(workspace, method)
-    encoder = visual_encoder(workspace.architecture, merged, device)
-    return MethodModel(encoder_for_task=lambda task: encoder, parameters=count_parameters(visual_state(merged)), name=method)
+    return one_tower_model(workspace, merged_tower(workspace, method), method, device)
 
 
 def static_merge(name: str, summary: str, row: int, options: type[Options], merge: Callable[..., dict[str, torch.Tensor]]) -> Method:

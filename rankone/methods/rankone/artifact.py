@@ -19,6 +19,7 @@ from rankone.methods.artifact import Classifier, artifact_tensors, classifier_fr
 from rankone.methods.base import load_router_state
 from rankone.methods.rankone.module import parameter_counts, routed_model
 from rankone.methods.rankone.pool import read_pool
+from rankone.methods.rankone.routers import scorer_of
 from rankone.models import FULL_PRECISION, resolve_dtype
 from rankone.workspace import Workspace, read_tensors_metadata
 
@@ -48,11 +49,23 @@ def routed_from_workspace(
         raise RankoneError(f"{workspace.path(ADAPTED_ROUTERS)}: trained on another pool; rerun `rankone adapt`")
     select = metadata.get("select") if select is None else select
     routing = routing or metadata.get("routing", "per-sample")
-    model = routed_model(workspace.architecture, stored.static, stored.pool, stored.lam, select, routing, stored.tasks)
+    kind = router_kind(metadata)
+    model = routed_model(workspace.architecture, stored.static, stored.pool, stored.lam, select, routing, stored.tasks, **kind_arguments(kind))
     load_router_state(model, routers, str(workspace.path(ADAPTED_ROUTERS)))
     settings = {"k": stored.k, "lambda": stored.lam, "select": select, "routing": routing,
-                "tasks": stored.tasks, "heads": metadata.get("heads", {})}
+                "tasks": stored.tasks, **kind, "heads": metadata.get("heads", {})}
     return model.to(device).eval(), settings
+
+
+def router_kind(record: dict[str, Any]) -> dict[str, Any]:
+    """The router kind and gate an adapted file or an export records (those written before kinds existed: entropy)."""
+    return {"router": record.get("router", "entropy"), "gate": record.get("gate", "top-p"),
+            "temperature": record.get("temperature", 1.0), "gate_scale": record.get("gate_scale", 1.0)}
+
+
+def kind_arguments(kind: dict[str, Any]) -> dict[str, Any]:
+    """`router_kind`'s record as `routed_model`'s keyword arguments."""
+    return {"scorer": scorer_of(kind["router"]), "gate": kind["gate"], "temperature": kind["temperature"], "scale": kind["gate_scale"]}
 
 
 def load_workspace(workspace: Workspace, device: torch.device | str = "cpu") -> Classifier:
@@ -104,7 +117,8 @@ def from_export(config: dict[str, Any], tower: dict[str, Tensor], source: str) -
     rest = {name: tensor for name, tensor in tower.items() if ".mlp.router." not in name}
     pool = {name: tensor for name, tensor in rest.items() if name.endswith((".pool_u", ".pool_v"))}
     static = {name: tensor for name, tensor in rest.items() if name not in pool}
-    visual = routed_model(config["architecture"], static, pool, config["lambda"], config["select"], config["routing"], config["tasks"])
+    visual = routed_model(config["architecture"], static, pool, config["lambda"], config["select"], config["routing"], config["tasks"],
+                          **kind_arguments(router_kind(config)))
     load_router_state(visual, routers, source)
     return visual
 

@@ -7,6 +7,7 @@ from a workspace, and in rankone's exported artifact).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -20,10 +21,13 @@ from rankone.methods.rankone.pool import (
     POOL_FILE, SVD_METHODS, build_pool, check_pool_options, pool_file_tensors, read_pool, static_part,
 )
 from rankone.models import count_parameters
-from rankone.options import Options, lambda_option, learning_rate_option, option
+from rankone.options import ADAPTATION_LR, Options, lambda_option, option
 from rankone.task_vectors import load_task_vectors, task_vector_path
+from rankone.methods.rankone.routers import ROUTERS, TASK_GATES, TASK_ROUTER_LR, gate_of, scorer_of, task_objective
+from rankone.models import preprocess_for
 from rankone.training import (
-    AdaptOptions, adapt_with_checkpoints, adaptation_inputs, classify_with, resume_state, save_adapted, task_heads,
+    AdaptOptions, HeadRequests, TrainingLog, adapt_with_checkpoints, adaptation_inputs, classify_with, head_requests,
+    resume_state, save_adapted, selected_tasks, task_heads, unlabeled_sets,
 )
 from rankone.workspace import Workspace
 
@@ -40,9 +44,27 @@ class PoolOptions(Options):
 
 @dataclass(frozen=True)
 class RankOneOptions(RoutingOptions):
-    """`rankone adapt --method rankone`: the routing the routers are trained with, and Adam's rate."""
+    """`rankone adapt --method rankone`: the router kind, the routing it is trained with, and Adam's rate."""
 
-    lr: float = learning_rate_option()
+    router: str = option("entropy", "entropy (SPEC's: trained by entropy minimisation), subspace (training-free, from the "
+                         "pool; needs no --data) or task (trained to tell the folders' tasks apart).", choices=ROUTERS)
+    gate: str = option("hard", "subspace and task routers: the best task's experts (hard) or a softmax over tasks (soft).",
+                       choices=TASK_GATES)
+    temperature: float = option(1.0, "subspace and task routers, soft gate: softmax temperature.", low=0.0, low_open=True)
+    gate_scale: float = option(1.0, "subspace and task routers: the gate's total weight (1: the routed task's own rank-k update).",
+                               low=0.0)
+    lr: float | None = option(None, "Adam learning rate.", low=0.0, low_open=True,
+                              shown_default=f"{ADAPTATION_LR:g}, SPEC's; with --router task {TASK_ROUTER_LR:g}")
+
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return TASK_ROUTER_LR if self.router == "task" else ADAPTATION_LR
+
+    def routing_settings(self) -> dict:
+        """What the model is built with and the adapted file records: router kind and gate."""
+        return {"router": self.router, "gate": gate_of(self.router, self.gate), "temperature": self.temperature,
+                "gate_scale": self.gate_scale}
 
 
 @dataclass
@@ -86,20 +108,53 @@ def build_pool_stage(
 
 
 def adapt_rankone(workspace: Workspace, options: AdaptOptions, method_options: RankOneOptions) -> str:
-    """Train the routers of the routed model built from pool.safetensors; write adapted/rankone.safetensors."""
+    """Train (or, for subspace routers, just record) the routers of the routed model built from pool.safetensors;
+    write adapted/rankone.safetensors."""
     stored = read_pool(workspace)
-    inputs = adaptation_inputs(workspace, options, stored.tasks)
-    config = {"method": "rankone", "seed": options.seed, "lr": method_options.lr, "batch_size": options.batch_size,
-              "select": method_options.select, "routing": method_options.routing, "tasks": inputs.tasks, "k": stored.k,
-              "lambda": stored.lam}
-    resume = resume_state(workspace, "rankone", options, config)
+    router, lr = method_options.router, method_options.learning_rate()
+    routing = method_options.routing_settings()
     # Router initial noise comes from the seed too, so runs (and resumed runs) start from the same routers.
     model = routed_model(workspace.architecture, stored.static, stored.pool, stored.lam, method_options.select,
-                         method_options.routing, stored.tasks, seed=options.seed).to(options.device)
+                         method_options.routing, stored.tasks, seed=options.seed, scorer=scorer_of(router),
+                         gate=routing["gate"], temperature=method_options.temperature,
+                         scale=method_options.gate_scale).to(options.device)
+    if router == "subspace":
+        # Nothing to train: the heads are recorded when class names can be found, for `rankone.load` and predict.
+        config = {"method": "rankone", "tasks": selected_tasks(stored.tasks, options.tasks), "k": stored.k, "lambda": stored.lam,
+                  "select": method_options.select, "routing": method_options.routing, **routing}
+        requests = optional_head_requests(workspace, options, config["tasks"])
+        return save_adapted(workspace, ADAPTED_ROUTERS, {}, config, dataclasses.replace(options, steps=0), requests,
+                            TrainingLog([], {}, objective="none (training-free)"))
+    config = {"method": "rankone", "seed": options.seed, "lr": lr, "batch_size": options.batch_size,
+              "select": method_options.select, "routing": method_options.routing, "k": stored.k,
+              "lambda": stored.lam, **routing}
+    if router == "task":
+        tasks = selected_tasks(stored.tasks, options.tasks)
+        config["tasks"] = tasks
+        resume = resume_state(workspace, "rankone", options, config)
+        unlabeled = unlabeled_sets(options.data, tasks, preprocess_for(workspace.architecture), known=stored.tasks, note=options.note)
+        requests = optional_head_requests(workspace, options, tasks)
+        log = adapt_with_checkpoints(workspace, "rankone", None, router_parameters(model), unlabeled, options, config, lr, resume,
+                                     objective=task_objective(model, stored.tasks))
+        log.objective = "cross-entropy of the folder's task, mean over blocks"
+        return save_adapted(workspace, ADAPTED_ROUTERS, router_state(model), config, options, requests, log)
+    inputs = adaptation_inputs(workspace, options, stored.tasks)
+    config["tasks"] = inputs.tasks
+    resume = resume_state(workspace, "rankone", options, config)
     heads = task_heads(workspace, inputs.requests, options.device)
     log = adapt_with_checkpoints(workspace, "rankone", classify_with(model, heads), router_parameters(model),
-                                    inputs.unlabeled, options, config, method_options.lr, resume)
+                                 inputs.unlabeled, options, config, lr, resume)
     return save_adapted(workspace, ADAPTED_ROUTERS, router_state(model), config, options, inputs.requests, log)
+
+
+def optional_head_requests(workspace: Workspace, options: AdaptOptions, tasks: list[str]) -> HeadRequests:
+    """The heads a router kind that needs none records when class names can be found (else none)."""
+    try:
+        return head_requests(workspace, tasks, options.heads_source, options.classnames_from, options.classnames, options.templates)
+    except RankoneError:
+        options.note("note: no class names for the heads; `rankone eval` and `compare` take them as usual, "
+                     "`rankone.load` and `predict` need them recorded (pass --classnames-from DIR)")
+        return {}
 
 
 def load_rankone(workspace: Workspace, method: str, device: torch.device) -> MethodModel:

@@ -32,6 +32,12 @@ from rankone.options import Options, option
 ROUTING_MODES = ("per-sample", "per-batch")
 GATE_SHARPNESS = 100.0
 ROUTER_INIT_STD = 0.01
+# How a block's router scores: a trained Linear(d → T·k) (SPEC's), or, training-free, by how much of the
+# sample's token-mean input lies in the span of each task's c_fc experts (their right singular vectors).
+SCORERS = ("linear", "subspace")
+# How scores become gates: SPEC's soft top-p over the T·k experts, or one weight per task spread over its
+# k experts: the best task's alone (hard), or softmax(scores / temperature) (soft); times the gate scale.
+GATES = ("top-p", "hard", "soft")
 
 
 def parse_select(value: str) -> float | None:
@@ -67,6 +73,24 @@ def top_p_gate(alpha: torch.Tensor, select: float | None) -> torch.Tensor:
     return alpha * torch.sigmoid(GATE_SHARPNESS * (alpha - threshold))
 
 
+def subspace_scores(mean: torch.Tensor, pool_v: torch.Tensor, tasks: int) -> torch.Tensor:
+    """‖V_tᵀ x̄‖ / ‖x̄‖ per task (batch × T): the share of each sample's token-mean input in the span of task t's
+    right singular vectors V_t (the unit columns of its block of V̂ = S·V, task-major)."""
+    unit = pool_v / pool_v.norm(dim=0, keepdim=True).clamp_min(torch.finfo(pool_v.dtype).tiny)
+    projected = (mean @ unit).reshape(mean.shape[0], tasks, -1)
+    return projected.square().sum(dim=-1).sqrt() / mean.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(mean.dtype).tiny)
+
+
+def task_gate(scores: torch.Tensor, gate: str, experts_per_task: int, temperature: float, scale: float) -> torch.Tensor:
+    """One weight per task (hard: the best task's, soft: softmax(scores / temperature)), times `scale`, repeated
+    over the task's k experts: batch × T·k."""
+    if gate == "hard":
+        weights = torch.nn.functional.one_hot(scores.argmax(dim=-1), scores.shape[-1]).to(scores.dtype)
+    else:
+        weights = torch.softmax(scores / temperature, dim=-1)
+    return (scale * weights).repeat_interleave(experts_per_task, dim=-1)
+
+
 def check_select(select: float | None) -> None:
     RoutingOptions(select=select)
 
@@ -97,6 +121,11 @@ class RankOneMLP(nn.Module):
         routing: str,
         batch_first: bool,
         generator: torch.Generator | None = None,
+        tasks: int = 1,
+        scorer: str = "linear",
+        gate: str = "top-p",
+        temperature: float = 1.0,
+        scale: float = 1.0,
     ) -> None:
         super().__init__()
         check_select(select)
@@ -104,16 +133,23 @@ class RankOneMLP(nn.Module):
         experts = fc_u.shape[1]
         if not fc_v.shape[1] == proj_u.shape[1] == proj_v.shape[1] == experts:
             raise RankoneError("pool: c_fc and c_proj hold different numbers of experts")
+        if scorer not in SCORERS or gate not in GATES or (scorer == "subspace" and gate == "top-p"):
+            raise RankoneError(f"router: scorer {scorer!r} with gate {gate!r}: a subspace router gates per task (hard or soft)")
         self.c_fc, self.gelu, self.c_proj = c_fc, act, c_proj
         frozen = dict(requires_grad=False)
         self.fc_u = nn.Parameter(fc_u.detach().clone(), **frozen)
         self.fc_v = nn.Parameter(fc_v.detach().clone(), **frozen)
         self.proj_u = nn.Parameter(proj_u.detach().clone(), **frozen)
         self.proj_v = nn.Parameter(proj_v.detach().clone(), **frozen)
-        self.router = nn.Linear(c_fc.in_features, experts, device=fc_u.device, dtype=c_fc.weight.dtype)
-        with torch.no_grad():
-            self.router.weight.normal_(0.0, ROUTER_INIT_STD, generator=generator)
-            self.router.bias.fill_(lam)
+        # A subspace router reads the pool itself: it has no tensors of its own.
+        self.router = nn.Linear(c_fc.in_features, experts, device=fc_u.device, dtype=c_fc.weight.dtype) if scorer == "linear" else None
+        if self.router is not None:
+            with torch.no_grad():
+                self.router.weight.normal_(0.0, ROUTER_INIT_STD, generator=generator)
+                self.router.bias.fill_(lam)
+        self.tasks, self.scorer, self.gate, self.temperature, self.scale = tasks, scorer, gate, temperature, scale
+        # Set by the pool oracle (told the task): every sample's gate is that task's experts at `scale`.
+        self.fixed_task: int | None = None
         self.select = select
         self.routing = routing
         self.batch_first = batch_first
@@ -124,19 +160,48 @@ class RankOneMLP(nn.Module):
     def token_dim(self) -> int:
         return 1 if self.batch_first else 0
 
+    def task_scores(self, mean: torch.Tensor) -> torch.Tensor:
+        """Each task's score for each sample (batch × T) from the token-mean input: the subspace share, or the
+        mean of the router's outputs for the task's k experts."""
+        if self.fixed_task is not None:
+            return torch.nn.functional.one_hot(torch.full(mean.shape[:1], self.fixed_task, device=mean.device), self.tasks).to(mean.dtype)
+        if self.scorer == "subspace":
+            return subspace_scores(mean, self.fc_v, self.tasks)
+        return self.router(mean).reshape(mean.shape[0], self.tasks, -1).mean(dim=-1)
+
     def expert_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """α' per sample (batch × T·k), after routing mode and top-p."""
-        # The router is affine, so mean-then-route equals route-then-mean and costs one row per sample, not per token.
-        alpha = self.router(x.mean(dim=self.token_dim))
-        if self.routing == "per-batch":
-            alpha = alpha.mean(dim=0, keepdim=True).expand_as(alpha)
-        gate = top_p_gate(alpha, self.select)
+        """α' per sample (batch × T·k), after routing mode and the gate."""
+        mean = x.mean(dim=self.token_dim)
+        if self.gate == "top-p" and self.fixed_task is None:
+            # The router is affine, so mean-then-route equals route-then-mean and costs one row per sample, not per token.
+            alpha = self.router(mean)
+            if self.routing == "per-batch":
+                alpha = alpha.mean(dim=0, keepdim=True).expand_as(alpha)
+            gate = top_p_gate(alpha, self.select)
+        else:
+            scores = self.task_scores(mean)
+            if self.routing == "per-batch":
+                scores = scores.mean(dim=0, keepdim=True).expand_as(scores)
+            gate = task_gate(scores, "hard" if self.fixed_task is not None else self.gate, self.fc_u.shape[1] // self.tasks,
+                             self.temperature, self.scale)
         if self.gate_log is not None:
             self.gate_log.append(gate.detach().float().cpu())
         return gate
 
+    @property
+    def hard(self) -> bool:
+        """Whether each sample's gate is one task's k experts (so only those need computing)."""
+        return self.gate == "hard" or self.fixed_task is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The fused path (`fused_expert_linear`), or merged weights for large per-batch batches; else the plain path."""
+        """The fused path (`fused_expert_linear`), or merged weights for large per-batch batches; else the plain path.
+        A hard gate computes only each sample's own task's experts (`grouped_hard_forward`)."""
+        if self.hard and not torch.is_grad_enabled():
+            return grouped_hard_forward(self, x)
+        return self.dense_forward(x)
+
+    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert computed, whatever the gate: the fused path, merged weights or the plain path."""
         fused = self._fused_weights()
         if fused is None:
             return self.plain_forward(x)
@@ -237,6 +302,43 @@ def fused_expert_linear(
     return _FusedExpertLinear.apply(x, fused_weight, fused_bias, pool_u, gate)
 
 
+def grouped_hard_forward(mlp: "RankOneMLP", x: torch.Tensor) -> torch.Tensor:
+    """A hard-gated MLP computing only what the gate keeps: the base GEMM for every token, then each routed task's
+    k experts for its own samples (k·(in + out) per token instead of T·k·(in + out)). Equal to `plain_forward` with
+    the same gate (tests/test_router_kinds.py).
+
+    The samples are sorted by task once, so each task's tokens are one contiguous block of rows and its experts are
+    added in place by one matmul-accumulate, with no per-task copy of the wide output; the order is undone at the end.
+    """
+    gate = mlp.expert_weights(x)
+    k = mlp.fc_u.shape[1] // mlp.tasks
+    chosen = gate.reshape(gate.shape[0], mlp.tasks, k)[..., 0]  # one nonzero weight per sample
+    task_of_sample = chosen.argmax(dim=-1)
+    weight_of_sample = chosen.gather(1, task_of_sample[:, None])[:, 0]
+    samples = x if mlp.batch_first else x.transpose(0, 1)
+    order = torch.argsort(task_of_sample, stable=True)
+    counts = torch.bincount(task_of_sample, minlength=mlp.tasks).tolist()
+    sorted_samples = samples.index_select(0, order)
+    weights = weight_of_sample.index_select(0, order).to(x.dtype)
+    tokens = samples.shape[1]
+
+    def add_experts(output: torch.Tensor, inputs: torch.Tensor, pool_u: torch.Tensor, pool_v: torch.Tensor) -> torch.Tensor:
+        rows_out, rows_in = output.view(-1, output.shape[-1]), inputs.reshape(-1, inputs.shape[-1])
+        first = 0
+        for task, count in enumerate(counts):
+            if count:
+                rows, columns = slice(first * tokens, (first + count) * tokens), slice(task * k, (task + 1) * k)
+                low_rank = (rows_in[rows] @ pool_v[:, columns]).view(count, tokens, k).mul_(weights[first:first + count, None, None])
+                rows_out[rows].addmm_(low_rank.view(-1, k), pool_u[:, columns].T)
+                first += count
+        return output
+
+    hidden = mlp.gelu(add_experts(mlp.c_fc(sorted_samples), sorted_samples, mlp.fc_u, mlp.fc_v))
+    output = add_experts(mlp.c_proj(hidden), hidden, mlp.proj_u, mlp.proj_v)
+    output = output.index_select(0, torch.argsort(order))
+    return output if mlp.batch_first else output.transpose(0, 1)
+
+
 def merging_pays(x: torch.Tensor, linear: nn.Linear) -> bool:
     """One gate for the whole batch: building W = W0 + U·diag(α')·V̂ᵀ costs T·k·in·out per matrix,
     the low-rank path T·k·(in + out) per token, so merging is cheaper past in·out/(in + out) tokens."""
@@ -262,6 +364,10 @@ def routed_model(
     tasks: list[str] | None = None,
     *,
     seed: int = 0,
+    scorer: str = "linear",
+    gate: str = "top-p",
+    temperature: float = 1.0,
+    scale: float = 1.0,
 ) -> nn.Module:
     """open_clip's image tower (images → embeddings) with every block's MLP replaced by RankOneMLP.
 
@@ -298,6 +404,7 @@ def routed_model(
             mlp.c_fc, mlp.gelu, mlp.c_proj,
             fc_u.to(dtype), fc_v.to(dtype), proj_u.to(dtype), proj_v.to(dtype),
             lam=lam, select=select, routing=routing, batch_first=batch_first, generator=generator,
+            tasks=len(tasks) if tasks else 1, scorer=scorer, gate=gate, temperature=temperature, scale=scale,
         )
     for parameter in tower.parameters():
         parameter.requires_grad_(False)
@@ -306,6 +413,7 @@ def routed_model(
     tower.rankone_config = {
         "lambda": lam, "select": select, "routing": routing, "tasks": list(tasks) if tasks else None,
         "experts_per_block": experts, "k": experts // len(tasks) if tasks else None,
+        "scorer": scorer, "gate": gate, "temperature": temperature, "scale": scale,
     }
     return tower.eval()
 
@@ -350,9 +458,18 @@ def expert_shares(gates: torch.Tensor, tasks: int) -> torch.Tensor:
     return gates.reshape(gates.shape[0], tasks, -1).mean(dim=(0, 2))
 
 
+def own_task_rate(gates: torch.Tensor, tasks: int, own: int) -> float:
+    """The fraction of samples (rows of `gates`, samples × T·k, task-major) whose largest per-task gate total is
+    task `own`'s: how often a block picks an image's own task."""
+    if gates.dim() != 2 or gates.shape[1] % tasks:
+        raise RankoneError(f"gates: shape {tuple(gates.shape)} does not split into {tasks} tasks' experts")
+    totals = gates.reshape(gates.shape[0], tasks, -1).sum(dim=-1)
+    return float((totals.argmax(dim=-1) == own).float().mean())
+
+
 def router_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The routers' weights and biases, block by block: the only parameters adaptation trains."""
-    return [parameter for mlp in rankone_mlps(model) for parameter in mlp.router.parameters()]
+    return [parameter for mlp in rankone_mlps(model) if mlp.router is not None for parameter in mlp.router.parameters()]
 
 
 def set_routing(model: nn.Module, select: float | None, routing: str) -> None:
