@@ -121,10 +121,71 @@ def test_zoo_is_built_once_and_cached_by_recipe(tmp_path):
     stamp = (built.root / zoo.REPORT_FILE).stat().st_mtime_ns
     again = zoo.build_zoo(tiny, cache=tmp_path)
     assert again.root == built.root and (again.root / zoo.REPORT_FILE).stat().st_mtime_ns == stamp
+    # The fingerprint the build recorded is the one its files give on a later load.
+    assert again.report["fingerprint"] == recipes.weights_fingerprint(again.root) == built.fingerprint
+    assert built.report["build"]["threads"] == zoo.BUILD_THREADS and built.report["key"] == built.root.name
     assert json.loads((built.root / zoo.RECIPE_FILE).read_text()) == tiny
     other = zoo.build_zoo({**tiny, "seed": 1}, cache=tmp_path)
     assert other.root != built.root
     assert not [path for path in (tmp_path / "examples").iterdir() if path.name.startswith(".")]
+
+
+def _write_weights(root, tensors):
+    from safetensors.torch import save_file
+
+    for folder in ("base", "experts/digits", "experts/photos"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(root / folder / "open_clip_model.safetensors"))
+
+
+def test_weights_fingerprint_changes_with_one_ulp_and_is_stable_across_a_reload(tmp_path):
+    # A zoo as a build before fingerprints leaves it: no fingerprint in its report.
+    tensors = {"visual.proj": torch.randn(4, 3, generator=torch.Generator().manual_seed(0)), "logit_scale": torch.tensor(2.5)}
+    _write_weights(tmp_path, tensors)
+    (tmp_path / recipes.RECIPE_FILE).write_text(json.dumps(recipes.recipe(quick=True, tasks=["digits", "photos"])))
+    (tmp_path / recipes.REPORT_FILE).write_text(json.dumps({"key": tmp_path.name}))
+    fingerprint = recipes.load_zoo(tmp_path).fingerprint
+    assert len(fingerprint) == 16 and int(fingerprint, 16) >= 0
+    assert recipes.load_zoo(tmp_path).fingerprint == fingerprint
+    nudged = tensors["visual.proj"].clone()
+    nudged[1, 2] = torch.nextafter(nudged[1, 2], torch.tensor(float("inf")))
+    from safetensors.torch import save_file
+
+    save_file({**tensors, "visual.proj": nudged}, str(tmp_path / "experts" / "photos" / "open_clip_model.safetensors"))
+    assert recipes.weights_fingerprint(tmp_path) != fingerprint
+    # A recorded fingerprint is what a load gives: the files are not read again.
+    (tmp_path / recipes.REPORT_FILE).write_text(json.dumps({"key": tmp_path.name, "fingerprint": "0123456789abcdef"}))
+    assert recipes.load_zoo(tmp_path).fingerprint == "0123456789abcdef"
+
+
+def test_the_build_environment_pins_mkl_threads_and_aten_where_the_cpu_has_avx2():
+    pinned = zoo.build_environment("AVX512")
+    assert pinned["MKL_CBWR"] == "COMPATIBLE" and pinned["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert pinned["OMP_NUM_THREADS"] == pinned["MKL_NUM_THREADS"] == str(zoo.BUILD_THREADS)
+    assert zoo.build_environment("AVX2")["ATEN_CPU_CAPABILITY"] == "avx2"
+    # Forcing AVX2 kernels on a CPU without it would crash them, so it is left out there.
+    assert "ATEN_CPU_CAPABILITY" not in zoo.build_environment("DEFAULT")
+
+
+def test_the_build_ignores_the_callers_threads_and_instruction_set(tmp_path, monkeypatch):
+    tiny = recipes.recipe(quick=True, tasks=["digits"], held_out=[], sizes={"pretrain": 16, "finetune": 8, "test": 4, "unlabeled": 4},
+                          pretrain={"steps": 2, "batch_size": 8, "lr": 1e-3}, finetune={"steps": 2, "lr": 1e-4, "batch_size": 4})
+    plain = zoo.build_zoo(tiny, cache=tmp_path / "plain")
+    # Left to reach the build, MKL_CBWR or ATEN_CPU_CAPABILITY alone gives this recipe other bits.
+    for name, value in {"OMP_NUM_THREADS": "1", "MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx512"}.items():
+        monkeypatch.setenv(name, value)
+    other = zoo.build_zoo(tiny, cache=tmp_path / "other")
+    assert other.fingerprint == plain.fingerprint
+
+
+def test_the_demo_summary_and_its_json_give_the_zoos_fingerprint(tmp_path):
+    from rankone.examples.demo import DemoResult, result_lines, write_result_json
+
+    result = DemoResult(lam=0.3, entropies={0.3: 1.0}, summary={"rows": []}, perfect_router={"average": 50.0, "tasks": {}},
+                        rankone_seeds={0: {"average": 40.0}}, zoo_key="0011223344556677", zoo_fingerprint="0123456789abcdef")
+    assert "example zoo 0011223344556677, weights fingerprint 0123456789abcdef" in result_lines(result)[-1]
+    write_result_json(result, tmp_path / "demo.json")
+    assert json.loads((tmp_path / "demo.json").read_text())["zoo"] == {"key": "0011223344556677", "fingerprint": "0123456789abcdef"}
 
 
 @pytest.mark.slow
@@ -141,14 +202,20 @@ def test_demo_quick_runs_every_stage_through_the_cli(tmp_path, monkeypatch):
         assert f"$ rankone {stage} " in result.output
     summary = json.loads((work / "compare.json").read_text())
     methods = [row["method"] for row in summary["rows"]]
-    assert methods == ["pretrained", "individual", "weight-averaging", "task-arithmetic", "ties", "dare", "adamerging", "wemoe", "rankone"]
+    assert methods == ["pretrained", "individual", "weight-averaging", "task-arithmetic", "ties", "dare", "tsv-merge", "emr",
+                       "adamerging", "regmean", "fisher", "wemoe", "rankone"]
     assert summary["tasks"] == recipes.QUICK_RECIPE["tasks"]
     demo = json.loads((work / "demo.json").read_text())
     assert demo["lambda"] in (0.1, 0.3)
     assert set(demo["perfect_router"]["tasks"]) == set(summary["tasks"])
+    # The router kinds and the pool oracle, each evaluated with its routing before the next adapt replaced it.
+    assert set(demo["router_kinds"]) == {"subspace", "task"} and set(demo["pool_oracle"]["tasks"]) == set(summary["tasks"])
+    assert demo["pool_oracle"]["routing"]["own_task"] and all(rates == [1.0] * len(rates) for rates in demo["pool_oracle"]["routing"]["own_task"].values())
+    assert f"pool oracle (each task's own experts at gate 1; told the task): average {demo['pool_oracle']['average']:.1f}" in result.output.replace("\n", " ")
     # The summary lines agree with the reports the stages wrote.
     rankone_row = next(row for row in summary["rows"] if row["method"] == "rankone")
     assert f"RankOne-MoE over seeds [0]: {rankone_row['average']:.1f}" in result.output.replace("\n", " ")
+    assert f"weights fingerprint {demo['zoo']['fingerprint']}" in result.output.replace("\n", " ")
     assert len(list((tmp_path / "cache" / "examples").iterdir())) == 1
 
 

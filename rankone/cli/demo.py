@@ -29,7 +29,8 @@ def demo_command(
     on them and one expert per task made with `rankone finetune`; then runs the example's
     pipeline file (rankone/examples/demo.yaml, or demo-quick.yaml) as `rankone run` does,
     printing each stage as the command that runs it. A toy illustration of the method, not a
-    reproduction of the paper's numbers.
+    reproduction of the paper's numbers. The summary ends with the zoo's weights fingerprint:
+    builds on other machines match the README's numbers when it matches the README's.
 
     Example: rankone demo --quick -w demo-work
 

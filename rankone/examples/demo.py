@@ -5,7 +5,9 @@
 the one whose task arithmetic merge gives the lowest mean prediction entropy on the
 unlabeled split (the objective AdaMerging and RankOne-MoE's adaptation minimise).
 RankOne-MoE is adapted with several seeds; their mean and spread are reported next to the
-"perfect router" ceiling (static part + each task's own MLP weights).
+"perfect router" ceiling (static part + each task's own MLP weights). The summary ends with
+the zoo's key and weights fingerprint: two builds of one key compare equal only when their
+bits do, which the README's numbers depend on.
 """
 
 from __future__ import annotations
@@ -107,8 +109,16 @@ def _check_workspace(workspace: Workspace) -> None:
     raise RankoneError(f"-w {workspace.root}: exists and was not made by `rankone demo`; pass another -w")
 
 
+def _router_of(step: Step) -> str | None:
+    """The router kind a RankOne-MoE adapt step trains (None for any other step)."""
+    if step.stage.name == "adapt" and step.options.method == "rankone":
+        return getattr(step.method_options, "router", "entropy")
+    return None
+
+
 def _is_rankone_adapt(step: Step) -> bool:
-    return step.stage.name == "adapt" and step.options.method == "rankone"
+    """An adapt step of SPEC's entropy routers: the ones `--seeds` repeats."""
+    return _router_of(step) == "entropy"
 
 
 def with_seeds(steps: list[Step], seeds: int) -> list[Step]:
@@ -142,6 +152,11 @@ class DemoResult:
     summary: dict[str, Any]
     perfect_router: dict[str, Any]
     rankone_seeds: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # The router kinds other than entropy: {kind: {seed: eval report}} (subspace has no seed: None), and the pool oracle.
+    router_kinds: dict[str, dict[int | None, dict[str, Any]]] = field(default_factory=dict)
+    pool_oracle: dict[str, Any] = field(default_factory=dict)
+    zoo_key: str = ""
+    zoo_fingerprint: str = ""
 
     def rankone_average(self) -> tuple[float, float]:
         averages = [report["average"] for report in self.rankone_seeds.values()]
@@ -151,22 +166,48 @@ class DemoResult:
 def demo_result(chosen: Pipeline, records: list[dict[str, Any]], example: Example) -> DemoResult:
     """The seeds' reports, the ceiling and the comparison from the run's records, and the λ rule's entropies."""
     rankone_seeds: dict[int, dict[str, Any]] = {}
-    seed, lam, summary, perfect = None, None, {}, {}
+    router_kinds: dict[str, dict[int | None, dict[str, Any]]] = {}
+    seed, lam, summary, perfect, pool_oracle, kind, kind_seed = None, None, {}, {}, {}, None, None
     for step, record in zip(chosen.steps, records):
         result = record.get("result") or {}
         if step.stage.name == "build-pool":
             lam = step.options.lam
-        elif _is_rankone_adapt(step):
-            seed = step.options.seed
+        elif _router_of(step) is not None:
+            kind = _router_of(step)
+            if kind == "entropy":
+                seed = step.options.seed
+            else:
+                kind_seed = None if kind == "subspace" else step.options.seed
         elif step.stage.name == "eval" and step.options.method == "rankone":
-            rankone_seeds[seed] = result
+            if kind == "entropy":
+                rankone_seeds[seed] = result
+            else:
+                router_kinds.setdefault(kind, {})[kind_seed] = result
+        elif step.stage.name == "eval" and step.options.method == "pool-oracle":
+            pool_oracle = result
         elif step.stage.name == "eval" and step.options.method == "perfect-router":
             perfect = result
         elif step.stage.name == "compare":
             summary = result
     if seed is not None and seed not in rankone_seeds:
         rankone_seeds[seed] = next(row for row in summary["rows"] if row["method"] == "rankone")
-    return DemoResult(lam=lam, entropies=example.entropies, summary=summary, perfect_router=perfect, rankone_seeds=rankone_seeds)
+    return DemoResult(lam=lam, entropies=example.entropies, summary=summary, perfect_router=perfect, rankone_seeds=rankone_seeds,
+                      router_kinds=router_kinds, pool_oracle=pool_oracle,
+                      zoo_key=example.zoo.root.name, zoo_fingerprint=example.zoo.fingerprint)
+
+
+def own_task_rate(report: dict[str, Any]) -> float | None:
+    """How often an image's own task got the largest gate, over every task and block of an `eval --routing` report."""
+    rates = [rate for per_block in report.get("routing", {}).get("own_task", {}).values() for rate in per_block]
+    return statistics.mean(rates) if rates else None
+
+
+def kind_summary(reports: dict[int | None, dict[str, Any]]) -> dict[str, Any]:
+    """Mean and spread of a router kind's average over its seeds, and its own-task rate."""
+    averages = [report["average"] for report in reports.values()]
+    rates = [rate for rate in map(own_task_rate, reports.values()) if rate is not None]
+    return {"averages": averages, "mean": statistics.mean(averages), "spread": statistics.stdev(averages) if len(averages) > 1 else 0.0,
+            "own_task": statistics.mean(rates) if rates else None}
 
 
 def result_lines(result: DemoResult) -> list[str]:
@@ -185,8 +226,20 @@ def result_lines(result: DemoResult) -> list[str]:
         gap = result.perfect_router["average"] - ta
         share = f"{100 * (mean - ta) / gap:.0f}% of the way from task arithmetic to the ceiling" if abs(gap) > 1e-9 else "no gap to close"
         lines.append(f"task arithmetic (λ={result.lam:g}) {ta:.1f} → RankOne-MoE {mean:.1f} ({mean - ta:+.1f}); {share}")
+    if result.pool_oracle and "task-arithmetic" in rows:
+        ta, ceiling = rows["task-arithmetic"]["average"], result.pool_oracle["average"]
+        lines.append(f"pool oracle (each task's own experts at gate 1; told the task): average {ceiling:.1f}")
+        for kind, reports in result.router_kinds.items():
+            found = kind_summary(reports)
+            closed = f", {100 * (found['mean'] - ta) / (ceiling - ta):.0f}% of the gap from task arithmetic to the pool oracle" \
+                if abs(ceiling - ta) > 1e-9 else ""
+            picked = f", own task picked {100 * found['own_task']:.0f}%" if found["own_task"] is not None else ""
+            spread = f" ± {found['spread']:.1f} over {len(found['averages'])} seeds" if len(found["averages"]) > 1 else ""
+            lines.append(f"RankOne-MoE, {kind} routers: {found['mean']:.1f}{spread} ({found['mean'] - ta:+.1f}{closed}{picked})")
     if "pretrained" in rows and "individual" in rows:
         lines.append(f"fine-tuning gain over zero-shot: {rows['individual']['average'] - rows['pretrained']['average']:+.1f} points")
+    lines.append(f"example zoo {result.zoo_key}, weights fingerprint {result.zoo_fingerprint} "
+                 "(compare it with the one beside the README's table)")
     return lines
 
 
@@ -196,4 +249,7 @@ def write_result_json(result: DemoResult, path: Path) -> None:
         "lambda": result.lam, "entropies": {f"{key:g}": value for key, value in result.entropies.items()},
         "rankone_seeds": {str(seed): report["average"] for seed, report in result.rankone_seeds.items()},
         "rankone_mean": mean, "rankone_std": spread, "perfect_router": result.perfect_router, "compare": result.summary,
+        "zoo": {"key": result.zoo_key, "fingerprint": result.zoo_fingerprint},
+        "router_kinds": {kind: kind_summary(reports) for kind, reports in result.router_kinds.items()},
+        "pool_oracle": result.pool_oracle,
     }, indent=2) + "\n")

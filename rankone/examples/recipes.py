@@ -1,7 +1,8 @@
 """The example zoo's recipes and where each is cached: what `rankone demo --zoo-path` needs.
 
 Light on purpose (no torch): printing the folder of a zoo built before takes a fraction of a
-second. Building one is `zoo.build_zoo`.
+second. Building one is `zoo.build_zoo`. A zoo's weights fingerprint is read from the
+safetensors files with numpy, so it needs no torch either.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+from safetensors import safe_open
 
 from rankone import __version__
 from rankone.errors import RankoneError
@@ -29,8 +33,14 @@ TINY_CLIP: dict[str, Any] = {
 }
 
 
+# What `zoo.build_environment` pins on a CPU. In the key: a zoo built before or without it has
+# other bits, so it must not be found under the key of one built with it.
+BUILD_PINNING = "mkl-compatible aten-avx2 no-onednn 2-threads"
+
 RECIPE_FILE = "recipe.json"
 REPORT_FILE = "zoo.json"
+# The report's entry for `weights_fingerprint`; a zoo built before it was recorded lacks it.
+FINGERPRINT_KEY = "fingerprint"
 
 FULL_RECIPE: dict[str, Any] = {
     "seed": 0,
@@ -81,11 +91,30 @@ def caption_templates(task: str) -> list[str]:
 
 
 def recipe_key(chosen: dict[str, Any]) -> str:
-    """A hash of the recipe, the caption templates it resolves to, the head format and the package version."""
+    """A hash of the recipe, the caption templates it resolves to, the head format, the package version
+    and the build's pinning."""
     # The head format is in the key because the experts are fine-tuned against those heads.
-    payload = {"recipe": chosen, "version": __version__, "heads": HEAD_FORMAT,
+    payload = {"recipe": chosen, "version": __version__, "heads": HEAD_FORMAT, "build": BUILD_PINNING,
                "templates": {task: caption_templates(task) for task in chosen["tasks"]}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def weights_fingerprint(root: Path) -> str:
+    """16 hex digits of a sha256 over every tensor of the zoo at `root`: its base's and experts'
+    safetensors files in the order of their paths, each file's tensors by name, each hashed as
+    (file, name, dtype, shape) then its bytes.
+
+    What two builds of one recipe key are compared by: the key hashes the recipe, not the bits.
+    """
+    digest = hashlib.sha256()
+    for path in sorted([*(root / "base").glob("*.safetensors"), *(root / "experts").glob("*/*.safetensors")]):
+        with safe_open(path, framework="numpy") as weights:
+            for name in sorted(weights.keys()):
+                tensor = weights.get_slice(name)
+                described = [path.relative_to(root).as_posix(), name, tensor.get_dtype(), tensor.get_shape()]
+                digest.update(json.dumps(described).encode() + b"\n")
+                digest.update(weights.get_tensor(name).tobytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -107,6 +136,11 @@ class Zoo:
 
     def data(self, split: str) -> Path:
         return self.root / "data" / split
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """The weights fingerprint its build recorded, or (a zoo built before it was) computed from its files."""
+        return self.report.get(FINGERPRINT_KEY) or weights_fingerprint(self.root)
 
 
 def load_zoo(root: Path) -> Zoo:
