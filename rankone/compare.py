@@ -152,7 +152,8 @@ def comparison_row(workspace: Workspace, name: str, report: dict[str, Any], towe
         row["normalized"] = {task: 100.0 * value / individual[task] for task, value in accuracy.items()}
         row["normalized_average"] = sum(row["normalized"].values()) / len(row["normalized"])
     row["options"] = {key: value for key, value in method.settings(workspace).items()
-                      if key != "method" and isinstance(value, (bool, int, float, str))}
+                      # How long a run took is no option that reproduces it.
+                      if key not in ("method", "seconds") and isinstance(value, (bool, int, float, str))}
     return row
 
 
