@@ -149,9 +149,6 @@ def method_classifier(workspace: Workspace, method: str, task: str, requests: An
     methods that need the task) with the zero-shot head of `requests` ({task: (class names, templates)},
     `training.head_requests`). What `rankone predict --method NAME` runs."""
     chosen = get(method)
-    missing = chosen.missing_files(workspace)
-    if missing:
-        raise RankoneError(f"--method {method}: {workspace.path(missing[0])} is missing; build it first")
     device = torch.device(device)
     method_model = load_method(workspace, method, device, dtype or FULL_PRECISION)
     heads = task_heads(workspace, requests, device)

@@ -25,7 +25,7 @@ from torch import nn
 from rankone.errors import RankoneError
 from rankone.methods.base import Method, MethodModel, one_task_at_a_time, pretrained_tower, register, visual_encoder
 from rankone.methods.matrices import unpacked
-from rankone.methods.merging import Progress, check_vectors, merged_path
+from rankone.methods.merging import Progress, check_vectors, merged_path, merged_tower
 from rankone.models import VISUAL_PREFIX, count_parameters
 from rankone.options import NoOptions, Options
 from rankone.workspace import Workspace
@@ -82,9 +82,7 @@ def task_tower(stored: dict[str, torch.Tensor], base: dict[str, torch.Tensor], i
 
 def load_emr(workspace: Workspace, method: str, device: torch.device) -> MethodModel:
     relpath = merged_path(NAME)
-    if not workspace.has(relpath):
-        raise RankoneError(f"{workspace.path(relpath)}: missing; run `rankone merge --method {NAME}` first")
-    stored = workspace.load_tensors(relpath)
+    stored = merged_tower(workspace, NAME)
     base = {key: value for key, value in pretrained_tower(workspace).items() if key.startswith(VISUAL_PREFIX)}
     tasks = workspace.tasks
     if stored[RESCALERS].numel() != len(tasks):

@@ -191,11 +191,9 @@ def merge_workspace(
 
 
 def merged_tower(workspace: Workspace, method: str) -> dict[str, torch.Tensor]:
-    """merged/<method>.safetensors: the merged image tower (`visual.*`)."""
-    relpath = merged_path(method)
-    if not workspace.has(relpath):
-        raise RankoneError(f"{workspace.path(relpath)}: missing; run `rankone merge --method {method}` first")
-    return workspace.load_tensors(relpath)
+    """merged/<method>.safetensors: the merged image tower (`visual.*`); a missing file names the merge to run
+    (`Workspace.require`)."""
+    return workspace.load_tensors(merged_path(method))
 
 
 def load_merged(workspace: Workspace, method: str, device: torch.device) -> MethodModel:

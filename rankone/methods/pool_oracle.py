@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from rankone.errors import RankoneError
 from rankone.methods.base import Method, MethodModel, register
 from rankone.methods.rankone.module import parameter_counts, rankone_mlps, routed_model
-from rankone.methods.rankone.pool import POOL_FILE, read_pool
+from rankone.methods.rankone.pool import read_pool
 from rankone.workspace import Workspace
 
 NAME = "pool-oracle"
@@ -35,9 +35,7 @@ class TaskPinned(nn.Module):
 
 
 def load_pool_oracle(workspace: Workspace, method: str, device: torch.device) -> MethodModel:
-    if not workspace.has(POOL_FILE):
-        raise RankoneError(f"{workspace.path(POOL_FILE)}: missing; run `rankone build-pool` first")
-    stored = read_pool(workspace)
+    stored = read_pool(workspace)  # a missing pool names `rankone build-pool` (`Workspace.require`)
     routed = routed_model(workspace.architecture, stored.static, stored.pool, stored.lam, None, "per-sample", stored.tasks,
                           scorer="subspace", gate="hard", scale=1.0).to(device).eval()
 

@@ -104,10 +104,8 @@ def adapt_with_statistics(workspace: Workspace, options: AdaptOptions, method_op
 
 
 def stored_tower(workspace: Workspace, name: str) -> dict[str, Tensor]:
-    relpath = adapted_path(name)
-    if not workspace.has(relpath):
-        raise RankoneError(f"{workspace.path(relpath)}: missing; run `rankone adapt --method {name} --data DIR` first")
-    return workspace.load_tensors(relpath)
+    """adapted/<name>.safetensors; a missing file names the adapt to run (`Workspace.require`)."""
+    return workspace.load_tensors(adapted_path(name))
 
 
 def load_stored_tower(workspace: Workspace, method: str, device: torch.device) -> MethodModel:

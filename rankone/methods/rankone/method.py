@@ -62,9 +62,12 @@ class RankOneOptions(RoutingOptions):
         return TASK_ROUTER_LR if self.router == "task" else ADAPTATION_LR
 
     def routing_settings(self) -> dict:
-        """What the model is built with and the adapted file records: router kind and gate."""
-        return {"router": self.router, "gate": gate_of(self.router, self.gate), "temperature": self.temperature,
-                "gate_scale": self.gate_scale}
+        """What the adapted file records of the router kind: nothing for SPEC's entropy routers (so their record, and
+        checkpoints made before kinds existed, stay as they were; `artifact.router_kind` reads the absence as entropy),
+        else the kind and its gate."""
+        if self.router == "entropy":
+            return {}
+        return {"router": self.router, "gate": self.gate, "temperature": self.temperature, "gate_scale": self.gate_scale}
 
 
 @dataclass
@@ -116,7 +119,7 @@ def adapt_rankone(workspace: Workspace, options: AdaptOptions, method_options: R
     # Router initial noise comes from the seed too, so runs (and resumed runs) start from the same routers.
     model = routed_model(workspace.architecture, stored.static, stored.pool, stored.lam, method_options.select,
                          method_options.routing, stored.tasks, seed=options.seed, scorer=scorer_of(router),
-                         gate=routing["gate"], temperature=method_options.temperature,
+                         gate=gate_of(router, method_options.gate), temperature=method_options.temperature,
                          scale=method_options.gate_scale).to(options.device)
     if router == "subspace":
         # Nothing to train: the heads are recorded when class names can be found, for `rankone.load` and predict.
