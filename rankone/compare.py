@@ -17,7 +17,7 @@ import torch
 
 from safetensors import safe_open
 
-from rankone import methods
+from rankone import distributed, methods
 from rankone.data import DataFolders
 from rankone.errors import RankoneError
 from rankone.evaluate import EvaluationOptions, evaluate, evaluation_inputs, fusionbench_report, labeled_data_root, report_path, write_report
@@ -89,7 +89,8 @@ def compare(
     `data` holds the labeled test images (None: the workspace's data/). Everything (new heads included) is committed in one transaction after the last
     evaluation, so a failure leaves the workspace as it was. `dtype` is the precision the
     image encoders run in, as for `rankone eval --dtype`. `on_method(name)` is called
-    before each method (for the CLI). Returns the content of compare.json.
+    before each method (for the CLI). Returns the content of compare.json. Under several
+    processes each evaluates its share of every task's images and rank 0 writes.
     """
     chosen = chosen_methods(workspace, method_names)
     if not chosen:
@@ -100,7 +101,7 @@ def compare(
     data = labeled_data_root(workspace, data)
     tower = tower_parameters(workspace)
     # One transaction for new heads, every report and the table: a failure leaves no trace.
-    with workspace.transaction() as staging:
+    with distributed.main_transaction(workspace) as staging:
         heads, datasets = evaluation_inputs(
             workspace, tasks, data, heads_source=heads_source, classnames=classnames, templates=templates,
             device=device, staging=staging,
@@ -112,15 +113,17 @@ def compare(
             method_model = methods.load_method(workspace, name, device, dtype)
             reports[name] = evaluate(method_model, heads, datasets, device=device, batch_size=batch_size, progress=progress)
             del method_model
-            write_report(workspace, reports[name], staging)
+            if staging is not None:
+                write_report(workspace, reports[name], staging)
         images = {task: len(found.paths) for task, found in datasets.items()}
         individual = individual_accuracy(workspace, reports, images)
         rows = [comparison_row(workspace, name, report, tower, individual) for name, report in reports.items()]
         summary = {"tasks": tasks, "images": images, "heads_source": heads_source, "dtype": dtype, "tower_parameters": tower,
                    "rows": rows}
-        staging.write_json(COMPARE_JSON, summary)
-        staging.path(COMPARE_MARKDOWN).write_text(markdown_table(summary))
-        staging.write_json(COMPARE_FUSIONBENCH, {name: fusionbench_report(report) for name, report in reports.items()})
+        if staging is not None:
+            staging.write_json(COMPARE_JSON, summary)
+            staging.path(COMPARE_MARKDOWN).write_text(markdown_table(summary))
+            staging.write_json(COMPARE_FUSIONBENCH, {name: fusionbench_report(report) for name, report in reports.items()})
     return summary
 
 

@@ -22,10 +22,12 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Subset
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
+from rankone import distributed
 from rankone.data import DataFolders, ImageDataset, LabeledImages, check_batch_size, data_folders, image_loader, labeled_images
 from rankone.errors import RankoneError
 from rankone.heads import HEAD_SOURCES, classify_logits, fusionbench_classnames_and_templates, heads_for_tasks
@@ -98,23 +100,35 @@ def task_accuracy(
     batch_size: int = EvaluationOptions.batch_size,
     advance=None,
 ) -> TaskScore:
-    """Top-1 predictions of `encoder` + `head` on `images` (correct, total) and the mean cross-entropy."""
+    """Top-1 predictions of `encoder` + `head` on `images` (correct, total) and the mean cross-entropy.
+
+    Under several processes the batches are dealt round-robin (`distributed.own_positions`), so
+    every image is in the same batch as in one process (per-batch routing sees the same batches),
+    and the per-batch counts are summed over the processes: the same numbers, the loss summed in
+    the same order. `advance(n)` (rank 0's bar) counts the images of every process's batches.
+    """
     if head.shape[0] != len(images.classnames):
         raise RankoneError(f"head for task {images.task!r}: has {head.shape[0]} classes, the data has {len(images.classnames)}")
-    loader = image_loader(ImageDataset(images.paths, images.labels, transform), batch_size)
+    dataset = ImageDataset(images.paths, images.labels, transform)
+    count = len(dataset)
+    batches = -(-count // batch_size)
+    own = distributed.own_positions(batches)
+    positions = [index for batch in own for index in range(batch * batch_size, min((batch + 1) * batch_size, count))]
+    loader = image_loader(Subset(dataset, positions), batch_size)
     head = head.to(device)
-    correct = total = 0
-    loss = 0.0
+    # Rows: correct, images, summed cross-entropy; a column per batch (float64 holds the counts exactly).
+    scores = torch.zeros(3, batches, dtype=torch.float64)
     encoder.eval()
     with torch.no_grad():
-        for batch, labels in loader:
+        for position, (batch, labels) in zip(own, loader):
             logits = classify_logits(encoder(batch.to(device)), head)
-            correct += int((logits.argmax(dim=-1).cpu() == labels).sum())
-            loss += float(F.cross_entropy(logits.float().cpu(), labels, reduction="sum"))
-            total += len(labels)
+            scores[0, position] = int((logits.argmax(dim=-1).cpu() == labels).sum())
+            scores[1, position] = len(labels)
+            scores[2, position] = float(F.cross_entropy(logits.float().cpu(), labels, reduction="sum"))
             if advance is not None:
-                advance(len(labels))
-    return TaskScore(correct, total, loss / total)
+                advance(min((position + own.step) * batch_size, count) - position * batch_size)
+    correct, total, losses = distributed.sum_tensor(scores).tolist()
+    return TaskScore(int(sum(correct)), int(sum(total)), sum(losses) / sum(total))
 
 
 def evaluate(
@@ -144,7 +158,7 @@ def evaluate(
     gates: dict[str, list[list[float]]] = {}
     own_task: dict[str, list[float]] = {}
     expert_tasks: list[str] = []
-    bar = eval_progress() if progress else None
+    bar = eval_progress() if progress and distributed.world().is_main else None
     with shown(bar) if bar is not None else nullcontext():
         for task, images in datasets.items():
             advance = None
@@ -160,9 +174,11 @@ def evaluate(
                 )
             results[task] = {"accuracy": 100.0 * score.correct / score.total, "n": score.total, "loss": score.loss}
             if routing:
-                gates[task] = [expert_shares(torch.cat(block), len(expert_tasks)).tolist() for block in blocks]
+                # Each process holds the gates of its own batches: put every batch back in its place.
+                blocks = [torch.cat(distributed.interleave(per_rank)) for per_rank in zip(*distributed.gather(blocks))]
+                gates[task] = [expert_shares(block, len(expert_tasks)).tolist() for block in blocks]
                 if task in expert_tasks:
-                    own_task[task] = [own_task_rate(torch.cat(block), len(expert_tasks), expert_tasks.index(task)) for block in blocks]
+                    own_task[task] = [own_task_rate(block, len(expert_tasks), expert_tasks.index(task)) for block in blocks]
     average = sum(result["accuracy"] for result in results.values()) / len(results)
     report = {"method": method_model.name, "tasks": results, "average": average, "parameters": int(method_model.parameters),
               "dtype": method_model.dtype}
@@ -283,13 +299,14 @@ def evaluate_workspace(
 ) -> tuple[dict[str, Any], str]:
     """The whole eval stage: (report, relpath of eval/<method>.json); `dtype` as for `methods.load_method`.
 
-    New heads and the report are committed together, so a failed run leaves no trace.
+    New heads and the report are committed together, so a failed run leaves no trace. Under
+    several processes each evaluates its share of the images and rank 0 writes.
     """
     tasks = list(tasks) if tasks else workspace.tasks
     check_tasks(workspace, tasks)
     # The method first: a missing merge should fail before any head is built.
     method_model = load_method(workspace, method, device, dtype)
-    with workspace.transaction() as staging:
+    with distributed.main_transaction(workspace) as staging:
         heads, datasets = evaluation_inputs(
             workspace, tasks, data_root, heads_source=heads_source, classnames=classnames, templates=templates,
             device=device, staging=staging,
@@ -297,9 +314,11 @@ def evaluate_workspace(
         if on_datasets is not None:
             on_datasets(datasets)
         report = evaluate(method_model, heads, datasets, device=device, batch_size=batch_size, progress=progress, routing=routing)
-        relpath = write_report(workspace, report, staging)
-        if plot and routing:
-            plot_routing(report["routing"], staging.path(routing_plot_path(relpath)))
+        relpath = report_path(report["method"])
+        if staging is not None:
+            write_report(workspace, report, staging)
+            if plot and routing:
+                plot_routing(report["routing"], staging.path(routing_plot_path(relpath)))
     return report, relpath
 
 

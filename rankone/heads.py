@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from rankone import distributed
 from rankone.errors import RankoneError
 from rankone.models import load_clip, open_clip, tokenizer_for
 from rankone.templates import HEAD_FORMAT, canonical_task, templates_for
@@ -142,8 +143,19 @@ def heads_for_tasks(
 
     Cached heads are read back; the others are built with one load of the base model and
     written in one transaction, or into `staging` when the caller's stage holds one (then
-    they are kept only if that whole stage succeeds).
+    they are kept only if that whole stage succeeds). Under several processes rank 0 builds
+    or reads them and sends them to the others, which neither build nor write any (every
+    process must call this at the same point; `staging` is rank 0's).
     """
+    return distributed.from_main(lambda: _heads_for_tasks(workspace, requests, device, staging))
+
+
+def _heads_for_tasks(
+    workspace: Workspace,
+    requests: dict[str, tuple[Sequence[str], Sequence[str] | None]],
+    device: torch.device | str,
+    staging: Staging | None,
+) -> dict[str, torch.Tensor]:
     heads: dict[str, torch.Tensor] = {}
     missing: dict[str, tuple[list[str], list[str], str]] = {}
     for task, (classnames, templates) in requests.items():

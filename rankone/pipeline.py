@@ -15,13 +15,16 @@ A pipeline file:
       - task-vectors
       - build-pool: {k: 32, lambda: 0.3}
       - adapt: {method: rankone, data: ./unlabeled, classnames_from: ./test}
-      - eval: {method: rankone, data: ./test}
+      - eval: {method: rankone, data: ./test, nproc: 2}
 
 `base`/`experts`/`preset`/`datasets`/`trust_pickle` make a first `fetch` stage. Strings may
 use `${NAME}` for environment variables, and `${WORKSPACE}` for the workspace folder;
 `example: full` (or `quick`) builds the built-in offline example (cached) and sets `${ZOO}`
 to its folder. Relative paths are relative to
-the current directory, as on the command line.
+the current directory, as on the command line. `nproc: N` on an adapt, eval or compare
+stage runs it on N processes (`torchrun --nproc-per-node N -m rankone STAGE ...`, see
+`rankone.distributed`); it is how the stage runs, not one of its options, so it changes
+neither its record nor whether it is skipped.
 
 `rankone run` records each stage it ran in the workspace manifest (`pipeline`): its
 options, a hash chained over every earlier stage's options, its outputs' sha256 and its
@@ -38,6 +41,7 @@ import hashlib
 import json
 import os
 import re
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
@@ -46,7 +50,7 @@ from typing import Any
 import torch
 import yaml
 
-from rankone import methods
+from rankone import distributed, methods
 from rankone.compare import compare
 from rankone.errors import RankoneError
 from rankone.evaluate import EvaluationOptions, check_tasks, evaluate_workspace, labeled_data_root
@@ -66,6 +70,11 @@ from rankone.workspace import Workspace, producer_of, sha256_file
 
 RECORD_KEY = "pipeline"
 RECORD_FORMAT = 1
+# The stages that split their work across the processes torchrun starts; the others refuse to run under it.
+SEVERAL_PROCESSES = ("adapt", "eval", "compare")
+# The adaptive methods trained by `training.minimise_entropy`, which splits each step's batch; RegMean and Fisher
+# read statistics in one process.
+TRAINED_ACROSS_PROCESSES = ("rankone", "adamerging", "wemoe")
 
 
 # ---- what a stage gets besides its options -------------------------------------------------
@@ -240,6 +249,13 @@ def _run_merge(workspace: Workspace, options: MergeOptions, method_options: Opti
 def _run_adapt(workspace: Workspace, options: AdaptStageOptions, method_options: Options, context: Context) -> dict:
     run_options = dataclasses.replace(options, device=context.device, progress=context.progress, note=context.note)
     method = methods.get(options.method, "adaptive")
+    if distributed.world().distributed:
+        if method.name not in TRAINED_ACROSS_PROCESSES:
+            raise RankoneError(f"--method {method.name}: runs in one process; launch it without torchrun "
+                               f"(several processes train {', '.join(TRAINED_ACROSS_PROCESSES)})")
+        if getattr(method_options, "routing", None) == "per-batch":
+            raise RankoneError("--routing per-batch: the gate mixes the images of a batch, which several processes split; "
+                               "run it in one process or use per-sample")
     written = method.adapt(workspace, run_options, method_options)
     if not workspace.has(curve_path(written)):
         # A merge from statistics (RegMean, Fisher) trains nothing: its record says what it read.
@@ -387,6 +403,9 @@ def stage_options(stage: Stage, values: dict[str, Any]) -> tuple[Options, Option
 
 def run_stage(stage: Stage, workspace: Workspace, options: Options, method_options: Options | None, context: Context) -> Any:
     """Run one stage on `workspace`; a stage other than fetch needs an existing workspace."""
+    if distributed.world().distributed and stage.name not in SEVERAL_PROCESSES:
+        raise RankoneError(f"rankone {stage.name}: runs in one process; launch it without torchrun "
+                           f"(several processes run {', '.join(SEVERAL_PROCESSES)})")
     if not stage.creates_workspace:
         tasks = workspace.tasks
         # Checked before the work: a folder standing where an output goes would only be found at the commit.
@@ -410,6 +429,7 @@ class Step:
     method_options: Options | None
     where: str  # `stages[2].build-pool`, for messages
     line: int
+    nproc: int = 1  # processes it runs on: how it runs, not an option (not recorded, not compared)
 
     @property
     def label(self) -> str:
@@ -422,6 +442,35 @@ class Step:
         if self.method_options is not None:
             values.update(self.method_options.record())
         return values
+
+    def arguments(self, workspace: Path, device: str) -> list[str]:
+        """The `rankone STAGE ...` arguments that run this step by hand (options at their default left out)."""
+        args = [self.stage.name]
+        method = getattr(self.options, "method", None)
+        if method is not None:
+            args += ["--method", method]
+        for holder in (self.options, self.method_options):
+            if holder is not None:
+                for info in holder.options():
+                    if info.name != "method":
+                        args += _flag_arguments(info, getattr(holder, info.name))
+        return args + ["-w", str(workspace), "--device", device]
+
+
+def _flag_arguments(info: OptionInfo, value: Any) -> list[str]:
+    if value == info.default or value is None:
+        return []
+    if isinstance(value, OptionValue):
+        value = value.plain()
+    if isinstance(value, bool):
+        return [info.flag] if value else []
+    if isinstance(value, dict):
+        return [part for key, item in value.items() for part in (info.flag, f"{key}={item}")]
+    if isinstance(value, list):
+        return [part for item in value for part in (info.flag, str(item))]
+    if isinstance(value, float):
+        return [info.flag, f"{value:g}"]
+    return [info.flag, str(value)]
 
 
 @dataclass
@@ -564,11 +613,22 @@ def load_pipeline(path: Path | str, *, workspace: Path | None = None, device: st
         if not isinstance(values, dict):
             raise fail(at + (name,), f"expected a mapping of options, got {values!r}")
         values = expand(values, at + (name,))
-        steps.append(_step(STAGES[name], values, {key: at + (name, key) for key in values}, at + (name,),
-                           f"stages[{index}].{name}", lines.of(at), fail, chosen_workspace))
+        nproc = _processes(values.pop("nproc", 1), name, lambda message: fail(at + (name, "nproc"), message))
+        step = _step(STAGES[name], values, {key: at + (name, key) for key in values}, at + (name,),
+                     f"stages[{index}].{name}", lines.of(at), fail, chosen_workspace)
+        steps.append(dataclasses.replace(step, nproc=nproc))
     pipeline = Pipeline(path=path, workspace=chosen_workspace, device=chosen_device, steps=steps)
     _check_order(pipeline)
     return pipeline
+
+
+def _processes(value: Any, stage: str, fail: Callable[[str], RankoneError]) -> int:
+    """A stage's `nproc:`, checked: a whole number ≥ 1, above 1 only for the stages that split their work."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise fail(f"{value!r}: expected a whole number of processes, at least 1")
+    if value > 1 and stage not in SEVERAL_PROCESSES:
+        raise fail(f"{stage} runs in one process; only {', '.join(SEVERAL_PROCESSES)} take nproc")
+    return value
 
 
 def _step(stage: Stage, values: dict[str, Any], paths: dict[str, tuple], stage_at: tuple, where: str, line: int, fail,
@@ -739,7 +799,10 @@ def run_pipeline(
             on_result(planned, records[index].get("result"))
             continue
         step = planned.step
-        result = run_stage(step.stage, workspace, step.options, step.method_options, context)
+        if step.nproc > 1:
+            result = launch_step(step, pipeline)
+        else:
+            result = run_stage(step.stage, workspace, step.options, step.method_options, context)
         outputs = step.stage.outputs(workspace.tasks if step.stage.name != "fetch" else tasks, step.options)
         record = {"stage": step.stage.name, "options": step.record(), "chain": planned.chain,
                   "outputs": _output_hashes(workspace, outputs), "result": jsonable(result)}
@@ -748,6 +811,20 @@ def run_pipeline(
             pass
         on_result(planned, result)
     return records
+
+
+def launch_step(step: Step, pipeline: Pipeline) -> Any:
+    """Run `step` on `step.nproc` processes (torchrun, on this machine) and return rank 0's result (`--json`)."""
+    command = distributed.launcher_command(step.nproc, [*step.arguments(pipeline.workspace, pipeline.device), "--json"])
+    # stdout carries the result; stderr (progress, the failure's one line) goes to the user as it comes.
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=distributed.launcher_environment(step.nproc))
+    if done.returncode != 0:
+        raise RankoneError(f"{pipeline.path}:{step.line}: {step.where}: failed on {step.nproc} processes "
+                           f"(exit code {done.returncode}; the line above says why)")
+    try:
+        return json.loads(done.stdout)
+    except ValueError:
+        raise RankoneError(f"{pipeline.path}:{step.line}: {step.where}: its {step.nproc} processes printed no result") from None
 
 
 def jsonable(value: Any) -> Any:

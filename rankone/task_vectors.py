@@ -11,15 +11,15 @@ together) and of the MLP part (c_fc and c_proj weights and biases), averaged ove
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 
 from rankone.errors import RankoneError
-from rankone.models import VISUAL_PREFIX, visual_state
+from rankone.models import VISUAL_PREFIX
 from rankone.plots import plot_analysis, require_matplotlib
-from rankone.workspace import Workspace
+from rankone.workspace import LazyTensors, Workspace, tensor_shape
 
 TASK_VECTOR_DIR = "task_vectors"
 ANALYSIS_FILE = f"{TASK_VECTOR_DIR}/analysis.json"
@@ -34,53 +34,76 @@ def task_vector_path(task: str) -> str:
     return f"{TASK_VECTOR_DIR}/{task}.safetensors"
 
 
-def task_vector(base_visual: dict[str, torch.Tensor], expert_visual: dict[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
-    """τ = θt − θ0 for every `visual.*` tensor of the base, in float32.
+def task_vector_items(base_visual: Mapping[str, torch.Tensor], expert_visual: Mapping[str, torch.Tensor],
+                      task: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, τ = θt − θ0) for every `visual.*` tensor of the base, in float32, one tensor at a time.
 
     float32 because a half-precision difference of two nearby weights loses most of its bits.
+    Keys are checked before the first difference; an all-zero τ is an error once the last
+    tensor is through (a stage writing the items fails before it commits).
     """
-    vector: dict[str, torch.Tensor] = {}
     base_keys = [key for key in base_visual if key.startswith(VISUAL_PREFIX)]
     extra = [key for key in expert_visual if key.startswith(VISUAL_PREFIX) and key not in base_visual]
     if extra:
         raise RankoneError(f"expert {task!r}: tensor {extra[0]} is not in the base image tower")
-    nonzero = False
-    for key in base_keys:
-        if key not in expert_visual:
-            raise RankoneError(f"expert {task!r}: lacks tensor {key}")
-        base, expert = base_visual[key], expert_visual[key]
-        if tuple(base.shape) != tuple(expert.shape):
-            raise RankoneError(f"expert {task!r}: tensor {key} has shape {tuple(expert.shape)}, the base has {tuple(base.shape)}")
-        difference = expert.float() - base.float()
-        nonzero = nonzero or bool(difference.any())
-        vector[key] = difference
     if not base_keys:
         raise RankoneError("base: has no visual.* tensors")
+    missing = [key for key in base_keys if key not in expert_visual]
+    if missing:
+        raise RankoneError(f"expert {task!r}: lacks tensor {missing[0]}")
+    nonzero = False
+    for key in base_keys:
+        base_shape, expert_shape = tensor_shape(base_visual, key), tensor_shape(expert_visual, key)
+        if base_shape != expert_shape:
+            raise RankoneError(f"expert {task!r}: tensor {key} has shape {expert_shape}, the base has {base_shape}")
+        difference = expert_visual[key].float() - base_visual[key].float()
+        nonzero = nonzero or bool(difference.any())
+        yield key, difference
     if not nonzero:
         raise RankoneError(f"expert {task!r}: task vector is all zeros (the expert is the pretrained model under another name)")
-    return vector
 
 
-def block_norms(vector: dict[str, torch.Tensor]) -> list[dict[str, float]]:
-    """Per block: L2 norm of the attention part and of the MLP part of one task vector."""
-    squares: dict[int, dict[str, float]] = {}
-    for key, tensor in vector.items():
-        match = _BLOCK_KEY.match(key)
-        if match is None:
-            continue
-        block, module, part = int(match.group(1)), match.group(2), match.group(3)
-        if (module == "attn" and part not in _ATTENTION_PARTS) or (module == "mlp" and part not in _MLP_PARTS):
-            continue
-        group = "attention" if module == "attn" else "mlp"
-        sums = squares.setdefault(block, {"attention": 0.0, "mlp": 0.0})
-        # Accumulate in float64: a sum of millions of float32 squares drifts otherwise.
-        sums[group] += float(tensor.double().square().sum())
+def task_vector(base_visual: Mapping[str, torch.Tensor], expert_visual: Mapping[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
+    """τ = θt − θ0 for every `visual.*` tensor of the base, in float32 (`task_vector_items`, collected)."""
+    return dict(task_vector_items(base_visual, expert_visual, task))
+
+
+def block_group(key: str) -> tuple[int, str] | None:
+    """(block, "attention" or "mlp") of a tensor the analysis counts, else None."""
+    match = _BLOCK_KEY.match(key)
+    if match is None:
+        return None
+    block, module, part = int(match.group(1)), match.group(2), match.group(3)
+    if (module == "attn" and part not in _ATTENTION_PARTS) or (module == "mlp" and part not in _MLP_PARTS):
+        return None
+    return block, "attention" if module == "attn" else "mlp"
+
+
+def add_squares(squares: dict[int, dict[str, float]], key: str, tensor: torch.Tensor) -> None:
+    """Add ‖tensor‖² to its block's attention or MLP sum, when the analysis counts `key`."""
+    group = block_group(key)
+    if group is None:
+        return
+    sums = squares.setdefault(group[0], {"attention": 0.0, "mlp": 0.0})
+    # Accumulated in float64 (a sum of millions of float32 squares drifts otherwise), without a float64 copy of τ.
+    sums[group[1]] += float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) ** 2
+
+
+def norms_of(squares: dict[int, dict[str, float]]) -> list[dict[str, float]]:
     if not squares:
         raise RankoneError("task vector: has no visual.transformer.resblocks.* attention or MLP tensors")
     return [
         {"block": block, "attention": sums["attention"] ** 0.5, "mlp": sums["mlp"] ** 0.5}
         for block, sums in sorted(squares.items())
     ]
+
+
+def block_norms(vector: Mapping[str, torch.Tensor]) -> list[dict[str, float]]:
+    """Per block: L2 norm of the attention part and of the MLP part of one task vector."""
+    squares: dict[int, dict[str, float]] = {}
+    for key, tensor in vector.items():
+        add_squares(squares, key, tensor)
+    return norms_of(squares)
 
 
 def analyze(per_task: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
@@ -112,18 +135,26 @@ def compute_task_vectors(
     """
     if plot:
         require_matplotlib()
-    base_visual = visual_state(workspace.load_tensors("base.safetensors"))
     tasks = workspace.tasks
     if not tasks:
         raise RankoneError(f"{workspace.manifest_path}: the workspace has no tasks; run `rankone fetch` with experts first")
+    # Both read a tensor at a time (only `visual.*` keys are asked for, so the base's text tower is never read).
+    base = workspace.lazy_tensors("base.safetensors")
     per_task: dict[str, list[dict[str, float]]] = {}
     with workspace.transaction() as staging:
         for task in tasks:
-            expert_visual = visual_state(workspace.load_tensors(f"experts/{task}.safetensors"))
-            vector = task_vector(base_visual, expert_visual, task)
-            per_task[task] = block_norms(vector)
-            staging.save_tensors(task_vector_path(task), vector, metadata={"task": task})
-            del vector, expert_visual
+            expert = workspace.lazy_tensors(f"experts/{task}.safetensors")
+            squares: dict[int, dict[str, float]] = {}
+
+            def counted(items: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+                for key, tensor in items:
+                    add_squares(squares, key, tensor)
+                    yield key, tensor
+
+            # One tensor of τ in memory at a time: each difference is written as it is made.
+            staging.save_tensor_stream(task_vector_path(task), counted(task_vector_items(base, expert, task)),
+                                       metadata={"task": task})
+            per_task[task] = norms_of(squares)
             if progress is not None:
                 progress(task)
         analysis = analyze(per_task)
@@ -133,9 +164,14 @@ def compute_task_vectors(
     return analysis
 
 
-def load_task_vectors(workspace: Workspace, tasks: list[str] | None = None) -> list[dict[str, torch.Tensor]]:
-    """The stored task vectors, in workspace task order (or the order of `tasks`)."""
+def load_task_vectors(workspace: Workspace, tasks: list[str] | None = None) -> list[LazyTensors]:
+    """The stored task vectors, in workspace task order (or the order of `tasks`), each tensor read when asked for.
+
+    Every file is checked against the manifest now; no tensor is in memory until a caller
+    takes it, so a stage that goes one parameter at a time across the T tasks holds one
+    parameter × T, not T task vectors (docs/scaling.md).
+    """
     tasks = workspace.tasks if tasks is None else tasks
-    return [workspace.load_tensors(task_vector_path(task)) for task in tasks]
+    return [workspace.lazy_tensors(task_vector_path(task)) for task in tasks]
 
 

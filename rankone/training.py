@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from rankone import distributed
 from rankone.data import DataFolders, ImageDataset, data_folders, labeled_images, unlabeled_images
 from rankone.errors import RankoneError
 from rankone.heads import HEAD_SOURCES, classify_logits, fusionbench_classnames_and_templates, heads_for_tasks, read_lines
@@ -36,7 +37,7 @@ from rankone.models import preprocess_for
 from rankone.options import Options, option, seed_option
 from rankone.plots import plot_curves, require_matplotlib
 from rankone.progress import shown
-from rankone.workspace import Workspace, read_tensors_metadata
+from rankone.workspace import Workspace, _fault_point, read_tensors_metadata
 
 Checkpoint = Callable[[int, dict], None]
 
@@ -64,18 +65,19 @@ def batch_indices(size: int, batch_size: int, seed: int, task: str, step: int) -
 
 
 class StepBatches(Sampler[list[int]]):
-    """Batch sampler yielding `batch_indices` for steps start … stop−1."""
+    """Batch sampler yielding `batch_indices` for steps start … stop−1; with `rank` of `ranks`
+    processes, this process's share of each (positions rank, rank + ranks, …)."""
 
-    def __init__(self, size: int, batch_size: int, seed: int, task: str, start: int, stop: int) -> None:
+    def __init__(self, size: int, batch_size: int, seed: int, task: str, start: int, stop: int, rank: int = 0, ranks: int = 1) -> None:
         self.size, self.batch_size, self.seed, self.task = size, batch_size, seed, task
-        self.start, self.stop = start, stop
+        self.start, self.stop, self.rank, self.ranks = start, stop, rank, ranks
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
 
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start, self.stop):
-            yield batch_indices(self.size, self.batch_size, self.seed, self.task, step)
+            yield batch_indices(self.size, self.batch_size, self.seed, self.task, step)[self.rank :: self.ranks]
 
 
 def images_only(items: list) -> Tensor:
@@ -108,9 +110,18 @@ def minimise_entropy(
     state)` is called every `save_every` steps and after the last one, with state = {"step", "parameters" (list of
     tensors), "optimizer" (Adam's state_dict), "losses"}; passing such a state as `resume`
     continues the run exactly.
+
+    Under several processes (`distributed.world()`) each takes its share of every batch; its
+    loss is its share's mean scaled by share / batch size, so the gradients summed over the
+    processes (one all-reduce per step) and the logged losses are those of the whole batch, as
+    in one process. Rank 0 alone checkpoints and draws the bar; every process returns the same losses.
     """
     if steps < 0 or batch_size < 1 or lr <= 0:
         raise RankoneError(f"adapt: need steps ≥ 0, batch size ≥ 1 and lr > 0 (got {steps}, {batch_size}, {lr})")
+    current = distributed.world()
+    if batch_size < current.size:
+        raise RankoneError(f"--batch-size {batch_size}: fewer images per task than processes ({current.size}); "
+                           f"each process needs at least one (the batch is split among them)")
     empty = [task for task, dataset in unlabeled.items() if len(dataset) == 0]
     if not unlabeled or empty:
         raise RankoneError(f"adapt: no unlabeled images for task {empty[0] if empty else '(none given)'}")
@@ -128,11 +139,12 @@ def minimise_entropy(
         optimizer.load_state_dict(resume["optimizer"])
         start, losses = int(resume["step"]), list(resume["losses"])[: int(resume["step"])]
     loaders = {
-        task: iter(DataLoader(dataset, batch_sampler=StepBatches(len(dataset), batch_size, seed, task, start, steps),
+        task: iter(DataLoader(dataset, batch_sampler=StepBatches(len(dataset), batch_size, seed, task, start, steps,
+                                                                 current.rank, current.size),
                               num_workers=workers, collate_fn=images_only))
         for task, dataset in unlabeled.items()
     }
-    bar = _progress(progress)
+    bar = _progress(progress and current.is_main)
     began, images = time.perf_counter(), 0
     task_losses: dict[str, list[float]] = {task: [] for task in loaders}
     with shown(bar):
@@ -141,21 +153,30 @@ def minimise_entropy(
         bar_task = bar.add_task(description, total=steps, completed=start, loss=float("nan"), rate=0.0)
         for step in range(start, steps):
             optimizer.zero_grad(set_to_none=True)
-            total = 0.0
+            values = []
             for task, loader in loaders.items():
                 batch = next(loader).to(device, non_blocking=True)
                 # One backward per task frees each task's graph early; gradients add up to those of the sum.
                 loss = objective(batch, task) if objective is not None else batch_entropy(classify(batch, task))
+                if current.distributed:
+                    # Both objectives are means over images: a share's sum over the whole batch's size.
+                    loss = loss * (batch.shape[0] / batch_size)
                 loss.backward()
-                total += float(loss.detach())
-                task_losses[task].append(float(loss.detach()))
-                images += batch.shape[0]
+                values.append(float(loss.detach()))
+                images += batch_size  # the whole batch, over every process
+            if current.distributed:
+                _fault_point(f"rank{current.rank}-step-{step + 1}")
+                distributed.sum_gradients(parameters)
+                values = distributed.sum_floats(values)
+            for task, value in zip(loaders, values):
+                task_losses[task].append(value)
+            total = sum(values)
             optimizer.step()
             losses.append(total)
             rate = images / max(time.perf_counter() - began, 1e-9)
             bar.update(bar_task, completed=step + 1, loss=total, rate=rate)
             # The last step is checkpointed too, so a finished run can be extended with --resume --steps N.
-            if checkpoint is not None and save_every > 0 and ((step + 1) % save_every == 0 or step + 1 == steps):
+            if checkpoint is not None and current.is_main and save_every > 0 and ((step + 1) % save_every == 0 or step + 1 == steps):
                 checkpoint(step + 1, {
                     "step": step + 1,
                     "parameters": [parameter.detach().cpu().clone() for parameter in parameters],
@@ -260,8 +281,9 @@ def save_checkpoint(workspace: Workspace, method: str, step: int, state: dict, c
     """Commit one checkpoint on its own, so an interrupted run keeps it."""
     relpath = f"{checkpoint_dir(method)}/step-{step}.safetensors"
     tensors, metadata = checkpoint_files(state, config)
-    with workspace.transaction() as staging:
-        staging.save_tensors(relpath, tensors, metadata)
+    if distributed.world().is_main:  # the others hold the same state
+        with workspace.transaction() as staging:
+            staging.save_tensors(relpath, tensors, metadata)
     return relpath
 
 
@@ -387,7 +409,7 @@ def head_requests(
 
 
 def task_heads(workspace: Workspace, requests: HeadRequests, device: torch.device) -> dict[str, Tensor]:
-    """The zero-shot heads (cached in heads/), on `device`."""
+    """The zero-shot heads (cached in heads/), on `device`; under several processes rank 0's, sent to the others."""
     return {task: head.to(device) for task, head in heads_for_tasks(workspace, requests, device).items()}
 
 
@@ -457,10 +479,15 @@ def save_adapted(
     log: TrainingLog,
     **extra: Any,
 ) -> str:
-    """Write the trained tensors with what made them (config, steps, heads, losses) as metadata, and the loss curve beside them."""
+    """Write the trained tensors with what made them (config, steps, heads, losses) as metadata, and the loss curve beside them.
+
+    Under several processes rank 0 writes and the others wait for it, so every process returns once the file is there.
+    """
     heads = {task: {"classnames": names, "templates": templates} for task, (names, templates) in requests.items()}
     metadata = {**config, "steps": options.steps, **extra, "heads": heads, "losses": log.losses}
-    with workspace.transaction() as staging:
+    with distributed.main_transaction(workspace) as staging:
+        if staging is None:
+            return relpath
         staging.save_tensors(relpath, tensors, {"rankone": json.dumps(metadata)})
         staging.write_json(curve_path(relpath), {"method": config.get("method"), **log.curve()})
         if options.plot:

@@ -17,13 +17,13 @@ import re
 import shutil
 import signal
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import _TYPES as SAFETENSORS_DTYPES, load_file, save_file  # _TYPES: its dtype names (F32, BOOL, ...)
 
 from rankone.errors import RankoneError
 
@@ -162,6 +162,127 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise RankoneError(f"{path}: not a readable safetensors file ({error})") from None
 
 
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """The tensors of a safetensors file, each read from disk when asked for and never cached.
+
+    Each access opens the file anew (through a descriptor held from the start, so a file
+    replaced meanwhile by another stage's commit is not mixed in): safe_open maps the file,
+    and pages it touched stay resident, counted in RSS, while its handle is open, so T
+    handles kept open would hold T task vectors' pages by the end of a merge. Keys and
+    shapes come from the header alone. Deleting a key hides it (AdaMerging's `consume`).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self._file = open(self.path, "rb")
+            with safe_open(self._opened(), framework="pt") as handle:
+                self._shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        except (SafetensorError, OSError, ValueError) as error:
+            raise RankoneError(f"{self.path}: not a readable safetensors file ({error})") from None
+
+    def _opened(self) -> str:
+        # /dev/fd/N reopens the file this object opened first, whatever the path names now.
+        return f"/dev/fd/{self._file.fileno()}"
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._shapes:
+            raise KeyError(key)
+        try:
+            with safe_open(self._opened(), framework="pt") as handle:
+                return handle.get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as error:
+            raise RankoneError(f"{self.path}: tensor {key} is not readable ({error})") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._shapes))
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def __delitem__(self, key: str) -> None:
+        del self._shapes[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def __del__(self) -> None:
+        file = getattr(self, "_file", None)
+        if file is not None:
+            file.close()
+
+
+def tensor_shape(tensors: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    """The shape of `tensors[key]`, without reading its data when `tensors` is lazy (has a `shape(key)` method)."""
+    shape = getattr(tensors, "shape", None)
+    return tuple(shape(key)) if callable(shape) else tuple(tensors[key].shape)
+
+
+def _alignment(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def write_tensor_stream(path: Path, items: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file from (name, tensor) pairs produced one at a time, never all in memory.
+
+    Each tensor's bytes go to a spool file of its element size as it arrives; the header is
+    written once every name is known, and the spools are appended behind it largest element
+    size first, so every tensor stays aligned to its element size as safetensors expects.
+    """
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    header: dict[str, Any] = {}
+    spools: dict[int, Any] = {}
+    sizes: dict[int, int] = {}
+    order: dict[int, list[str]] = {}
+    try:
+        for name, tensor in items:
+            if name in header:
+                raise ValueError(f"tensor {name} given twice")
+            data = tensor.detach().cpu().contiguous()
+            size = _alignment(data.dtype)
+            if size not in spools:
+                spools[size] = tempfile.TemporaryFile(dir=path.parent)
+                sizes[size], order[size] = 0, []
+            raw = data.reshape(-1).view(torch.uint8).numpy() if data.numel() else b""
+            spools[size].write(raw)
+            header[name] = {"dtype": names[data.dtype], "shape": list(data.shape), "start": sizes[size], "size": size}
+            sizes[size] += data.numel() * size
+            order[size].append(name)
+        offset = 0
+        layout: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+        for size in sorted(spools, reverse=True):
+            for name in order[size]:
+                entry = header[name]
+                length = _tensor_nbytes(entry["shape"], size)
+                layout[name] = {"dtype": entry["dtype"], "shape": entry["shape"],
+                                "data_offsets": [offset + entry["start"], offset + entry["start"] + length]}
+            offset += sizes[size]
+        text = json.dumps(layout, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # safetensors pads the header so the data starts 8-byte aligned
+        with open(path, "wb") as out:
+            out.write(len(text).to_bytes(8, "little"))
+            out.write(text)
+            for size in sorted(spools, reverse=True):
+                spools[size].seek(0)
+                shutil.copyfileobj(spools[size], out, 1 << 24)
+    finally:
+        for spool in spools.values():
+            spool.close()
+
+
+def _tensor_nbytes(shape: list[int], element_size: int) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count * element_size
+
+
+def save_tensor_stream_atomic(path: Path, items: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None,
+                              shown_as: Path | None = None) -> None:
+    """`write_tensor_stream` through a temporary file in the same folder, then rename (as `save_tensors_atomic`)."""
+    _written(path, lambda tmp: write_tensor_stream(Path(tmp), items, metadata), shown_as)
+
+
 def index_name(file_name: str) -> str:
     """The shard index beside sharded `file_name` (`model.safetensors` → `model.safetensors.index.json`)."""
     return f"{file_name}.index.json"
@@ -263,6 +384,11 @@ class Staging:
     def save_tensors(self, relpath: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
         save_tensors_atomic(self.path(relpath), tensors, metadata, shown_as=self.target / relpath)
 
+    def save_tensor_stream(self, relpath: str, items: Iterable[tuple[str, torch.Tensor]],
+                           metadata: dict[str, str] | None = None) -> None:
+        """Save tensors produced one at a time (`write_tensor_stream`): the file's tensors are never all in memory."""
+        save_tensor_stream_atomic(self.path(relpath), items, metadata, shown_as=self.target / relpath)
+
     def write_json(self, relpath: str, data: Any) -> None:
         write_json_atomic(self.path(relpath), data, shown_as=self.target / relpath)
 
@@ -353,6 +479,10 @@ class Workspace:
 
     def load_tensors(self, relpath: str) -> dict[str, torch.Tensor]:
         return load_tensors(self.require(relpath))
+
+    def lazy_tensors(self, relpath: str) -> LazyTensors:
+        """A recorded safetensors file, checked as `require` checks it, whose tensors are read only when asked for."""
+        return LazyTensors(self.require(relpath))
 
     def read_json(self, relpath: str) -> Any:
         return json.loads(self.require(relpath).read_text())

@@ -151,3 +151,59 @@ def test_router_options_are_checked(every_stage_workspace, rankone_cli):
     code, _, err = rankone_cli("adapt", "-w", every_stage_workspace.root, "--router", "task")
     assert code == 2 and "--data: required" in err
     assert snapshot(every_stage_workspace.root) == before
+
+
+# ---- --init: entropy routers started from another kind's routing ------------------------------
+
+def test_ridge_fit_against_numpy():
+    from rankone.methods.rankone.routers import ridge_fit
+
+    generator = np.random.default_rng(5)
+    means, targets, ridge = generator.normal(size=(12, 6)), generator.normal(size=(12, 3)), 0.1
+    weight, bias = ridge_fit(torch.from_numpy(means), torch.from_numpy(targets), ridge)
+    # Independently: centre, then least squares on the system stacked with √ρ·I (the ridge as extra rows).
+    centred, centred_targets = means - means.mean(axis=0), targets - targets.mean(axis=0)
+    penalty = ridge * np.mean(np.diag(centred.T @ centred))
+    stacked = np.vstack([centred, np.sqrt(penalty) * np.eye(6)])
+    expected = np.linalg.lstsq(stacked, np.vstack([centred_targets, np.zeros((6, 3))]), rcond=None)[0].T
+    np.testing.assert_allclose(weight.numpy(), expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(bias.numpy(), targets.mean(axis=0) - expected @ means.mean(axis=0), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["task", "subspace"])
+def test_fitted_routers_reproduce_the_kinds_hard_gate(every_stage_workspace, unlabeled_data, kind):
+    from rankone.methods.rankone.module import rankone_mlps, routed_model
+    from rankone.methods.rankone.pool import read_pool
+    from rankone.methods.rankone.routers import fit_routers, kind_targets, routed_as, token_means
+    from rankone.models import preprocess_for
+    from rankone.training import unlabeled_sets
+
+    workspace = every_stage_workspace
+    stored = read_pool(workspace)
+    model = routed_model(workspace.architecture, stored.static, stored.pool, stored.lam, tasks=stored.tasks, scale=0.7)
+    unlabeled = unlabeled_sets(unlabeled_data, stored.tasks, preprocess_for(workspace.architecture))
+    # Fewer images than the blocks' width: with a vanishing ridge the fit interpolates the kind's gate.
+    fit = fit_routers(model, unlabeled, stored.tasks, kind, ridge=1e-9)
+    assert fit.images == sum(len(dataset) for dataset in unlabeled.values()) and fit.agreement == [1.0] * len(rankone_mlps(model))
+    for index, (task, dataset) in enumerate(unlabeled.items()):
+        images = torch.stack([dataset[position] for position in range(len(dataset))])
+        with routed_as(model, kind, index):
+            means = token_means(model, images)
+        for mlp, block_means in zip(rankone_mlps(model), means):
+            alpha = mlp.router(block_means).double()
+            expected = kind_targets(mlp, block_means, kind, index).repeat_interleave(mlp.router.out_features // mlp.tasks, dim=-1)
+            torch.testing.assert_close(alpha, expected, rtol=0, atol=1e-4)
+
+
+def test_init_starts_entropy_adaptation_and_is_recorded(every_stage_workspace, unlabeled_data, labeled_data, rankone_cli):
+    workspace = every_stage_workspace
+    code, out, err = rankone_cli("adapt", "-w", workspace.root, "--init", "task", "--data", unlabeled_data, "--steps", "2",
+                                 "--batch-size", "2", "--classnames-from", labeled_data)
+    assert code == 0, err
+    assert "routers fitted to the task kind's routing" in out + err
+    from rankone.methods import load
+
+    model = load(workspace.root)
+    assert model.config["init"] == "task" and model.config["router"] == "entropy"
+    code, _, err = rankone_cli("adapt", "-w", workspace.root, "--init", "subspace", "--router", "task", "--data", unlabeled_data)
+    assert code == 2 and "--init subspace: starts entropy routers" in err

@@ -10,7 +10,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from rankone.compare import NEEDS_TASK_NOTE, method_label, relative
-from rankone.options import OptionInfo, OptionValue
 from rankone.pipeline import PlannedStep, Step
 from rankone.workspace import Workspace
 
@@ -132,7 +131,8 @@ def size(nbytes: float) -> str:
 def plan_line(index: int, planned: PlannedStep) -> str:
     """`3 run   build-pool  (options changed: k 8 → 4)` for `rankone run --dry-run`."""
     action = "run " if planned.run else "skip"
-    return f"{index:>2} {action}  {planned.step.label:<28} {planned.reason}"
+    processes = f" (on {planned.step.nproc} processes)" if planned.step.nproc > 1 and planned.run else ""
+    return f"{index:>2} {action}  {planned.step.label:<28} {planned.reason}{processes}"
 
 
 def stage_summary(step: Step, result: Any) -> list[str]:
@@ -175,29 +175,4 @@ def adaptation_lines(result: dict[str, Any]) -> list[str]:
 
 def command_arguments(step: Step, workspace: Path, device: str) -> list[str]:
     """The `rankone STAGE ...` arguments that run a pipeline step by hand (options at their default left out)."""
-    args = [step.stage.name]
-    method = getattr(step.options, "method", None)
-    if method is not None:
-        args += ["--method", method]
-    for holder in (step.options, step.method_options):
-        if holder is not None:
-            for info in holder.options():
-                if info.name != "method":
-                    args += _flag_arguments(info, getattr(holder, info.name))
-    return args + ["-w", str(workspace), "--device", device]
-
-
-def _flag_arguments(info: OptionInfo, value: Any) -> list[str]:
-    if value == info.default or value is None:
-        return []
-    if isinstance(value, OptionValue):
-        value = value.plain()
-    if isinstance(value, bool):
-        return [info.flag] if value else []
-    if isinstance(value, dict):
-        return [part for key, item in value.items() for part in (info.flag, f"{key}={item}")]
-    if isinstance(value, list):
-        return [part for item in value for part in (info.flag, str(item))]
-    if isinstance(value, float):
-        return [info.flag, f"{value:g}"]
-    return [info.flag, str(value)]
+    return step.arguments(workspace, device)

@@ -3,17 +3,21 @@ each a thin command over `pipeline.STAGES` (flags derived by `flags.stage_comman
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import json
 import shlex
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import torch
 import typer
+from rich.markup import escape
 
-from rankone import label_free, methods, pipeline
+from rankone import distributed, label_free, methods, pipeline
 from rankone.cli import render
 from rankone.cli.app import command, console, error_console, say, step_bar
 from rankone.cli.flags import KEYWORD, stage_command
@@ -74,6 +78,12 @@ DETAILS = {
     Example: rankone adapt --router subspace --classnames-from ./test
 
     Example: rankone adapt --router task --data ./unlabeled --steps 200
+
+    On several processes (CPU: gloo; GPUs: nccl, one per process) each takes its share of every
+    step's batch; with the same --seed and --batch-size the result is that of one process (to float
+    rounding). Rank 0 writes; eval and compare split the test images the same way, with the same numbers:
+
+    Example: torchrun --nproc-per-node 4 -m rankone adapt -w rankone-work --data ./unlabeled --classnames-from ./test
     """,
     "eval": """Heads are zero-shot heads of the pretrained text tower, cached in heads/. --dtype bf16
     runs the image encoder in half precision; the report records the dtype.
@@ -115,7 +125,37 @@ DETAILS = {
 
 
 def context(device: str) -> pipeline.Context:
-    return pipeline.Context(device=resolve_device(device), bar=step_bar, note=lambda line: error_console.print(line, highlight=False, markup=False, soft_wrap=True))
+    """The run-time context; under torchrun, this process's device, its place in the process group, and notes from rank 0 only."""
+    chosen = distributed.rank_device(resolve_device(device))
+    current = distributed.join(chosen)
+    if not current.is_main:
+        return pipeline.Context(device=chosen, progress=False)
+    return pipeline.Context(device=chosen, bar=step_bar, note=lambda line: error_console.print(line, highlight=False, markup=False, soft_wrap=True))
+
+
+@contextlib.contextmanager
+def several_processes() -> Iterator[None]:
+    """Under torchrun: only rank 0 prints its summary, and a failure is one line from one process (`distributed.failure_line`)."""
+    current = distributed.world()
+    if not current.distributed:
+        yield
+        return
+    try:
+        # Joined first, so that even an error every process finds in the options is printed once.
+        distributed.join()
+        with contextlib.redirect_stdout(io.StringIO()) if not current.is_main else contextlib.nullcontext():
+            yield
+        distributed.leave()
+    except typer.Exit:
+        raise
+    except (Exception, KeyboardInterrupt) as error:
+        line = distributed.failure_line(error)
+        if line is not None:
+            error_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+            if not isinstance(error, RankoneError):
+                # A bug, not a user's error: its traceback too, from the process it happened in.
+                error_console.print(escape("".join(traceback.format_exception(error))), highlight=False, soft_wrap=True)
+        raise typer.Exit(distributed.failure_exit_code(error)) from None
 
 
 def _tasks_with_extra_words(values: dict[str, Any], command: str) -> None:
@@ -215,6 +255,10 @@ _TASKS_WORDS = {"allow_extra_args": True}
 def _summary_or_json(name: str, summary: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
     """The stage's body: its summary for people, or with --json the result `rankone run` records, as one object."""
     def body(values: dict[str, Any]) -> None:
+        with several_processes():
+            json_body(values)
+
+    def json_body(values: dict[str, Any]) -> None:
         if not values.pop("as_json"):
             summary(values)
             return
@@ -247,12 +291,15 @@ def run_file(
 ) -> None:
     """A stage is skipped when the workspace recorded it with the same options, after the same
     earlier stages, and its outputs are unchanged; a changed option reruns that stage and
-    every stage after it. A failed run resumes where it stopped.
+    every stage after it. A failed run resumes where it stopped. `nproc: N` on an adapt, eval or
+    compare stage runs it on N processes (torchrun on this machine).
 
     Example: rankone run examples/vit-b-32-ta8.yaml --dry-run
 
     Example: rankone run examples/demo.yaml -w demo-work
     """
+    if distributed.world().distributed:
+        raise RankoneError("rankone run: starts each stage's processes itself (`nproc: N` on a stage); run it without torchrun")
     chosen = load(file, workspace, device)
     if dry_run:
         for index, planned in enumerate(pipeline.plan(chosen)):
@@ -311,7 +358,8 @@ def execute(chosen: pipeline.Pipeline) -> list[dict[str, Any]]:
 
     def on_step(planned: pipeline.PlannedStep, index: int) -> None:
         command = " ".join(shlex.quote(arg) for arg in render.command_arguments(planned.step, chosen.workspace, chosen.device))
-        say(("$ rankone " if planned.run else "skip rankone ") + command + ("" if planned.run else f"  ({planned.reason})"))
+        launcher = f"torchrun --standalone --nproc-per-node {planned.step.nproc} -m " if planned.step.nproc > 1 else ""
+        say(("$ " if planned.run else "skip ") + launcher + "rankone " + command + ("" if planned.run else f"  ({planned.reason})"))
 
     def on_result(planned: pipeline.PlannedStep, result: Any) -> None:
         for line in render.stage_summary(planned.step, result):

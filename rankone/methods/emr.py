@@ -18,6 +18,7 @@ Its parameter count is θ0 and τ_uni, T rescalers, and the T masks at one bit a
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ from torch import nn
 from rankone.errors import RankoneError
 from rankone.methods.base import Method, MethodModel, one_task_at_a_time, pretrained_tower, register, visual_encoder
 from rankone.methods.matrices import unpacked
-from rankone.methods.merging import Progress, check_vectors, merged_path, merged_tower
+from rankone.methods.merging import Progress, TaskVectors, check_vectors, collected, merged_path, merged_tower, summed
 from rankone.models import VISUAL_PREFIX, count_parameters
 from rankone.options import NoOptions, Options
 from rankone.workspace import Workspace
@@ -38,36 +39,40 @@ def mean_magnitude(key: str, tensor: torch.Tensor) -> torch.Tensor:
     return sum(piece.abs().mean() for piece in unpacked(key, tensor))
 
 
-def elect_mask_rescale(task_vectors: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]], torch.Tensor]:
-    """(τ_uni, each task's masks, the rescalers r_t)."""
+def elect_mask_rescale_items(task_vectors: TaskVectors) -> Iterator[tuple[str, torch.Tensor]]:
+    """merged/emr.safetensors' tensors key by key: τ_uni[key], then each task's mask of that key; the rescalers r_t last
+    (their sums are gathered on the way, so no mask outlives its key)."""
     keys = check_vectors(task_vectors)
-    unified: dict[str, torch.Tensor] = {}
-    masks: list[dict[str, torch.Tensor]] = [{} for _ in task_vectors]
     scales = torch.zeros(len(task_vectors))
+    kept: list[torch.Tensor | float] = [0.0 for _ in task_vectors]
     for key in keys:
-        vectors = [vector[key].float() for vector in task_vectors]
-        sign = torch.where(torch.stack(vectors).sum(dim=0) > 0, 1.0, -1.0)
-        largest = torch.zeros_like(vectors[0])
-        for index, vector in enumerate(vectors):
-            masks[index][key] = vector * sign > 0
-            largest = torch.maximum(largest, (vector * masks[index][key]).abs())
-            scales[index] += mean_magnitude(key, vector)
-        unified[key] = largest * sign
-    kept = torch.tensor([float(sum(mean_magnitude(key, unified[key] * mask[key]) for key in keys)) for mask in masks])
-    return unified, masks, scales / kept
+        # Each τ_t[key] is read twice (for the elected sign, then for the masks), so only the masks, a byte an entry,
+        # are held T at a time.
+        sign = torch.where(summed(vector[key].float() for vector in task_vectors) > 0, 1.0, -1.0)
+        largest = torch.zeros_like(sign)
+        masks = []
+        for index, vector in enumerate(task_vectors):
+            tensor = vector[key].float()
+            masks.append(tensor * sign > 0)
+            largest = torch.maximum(largest, (tensor * masks[index]).abs())
+            scales[index] += mean_magnitude(key, tensor)
+            del tensor
+        unified = largest * sign
+        yield key, unified
+        for index, mask in enumerate(masks):
+            kept[index] = kept[index] + mean_magnitude(key, unified * mask)
+            yield f"{MASK_PREFIX}{index}/{key}", mask
+    yield RESCALERS, scales / torch.tensor([float(total) for total in kept])
 
 
-def emr(task_vectors: list[dict[str, torch.Tensor]], options: Options, progress: Progress = None) -> dict[str, torch.Tensor]:
-    """What merged/emr.safetensors holds: τ_uni as the update to θ0, the masks and the rescalers (see the module's
-    docstring); masks are named by the task's index in the workspace's task order, which the file's metadata records."""
-    unified, masks, rescalers = elect_mask_rescale(task_vectors)
-    found: dict[str, torch.Tensor] = dict(unified)
-    for index, mask in enumerate(masks):
-        found.update({f"{MASK_PREFIX}{index}/{key}": value for key, value in mask.items()})
-        if progress is not None:
-            progress(str(index))
-    found[RESCALERS] = rescalers
-    return found
+def emr(task_vectors: TaskVectors, options: Options, progress: Progress = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """What merged/emr.safetensors holds, tensor by tensor: τ_uni as the update to θ0, the masks and the rescalers (see
+    the module's docstring); masks are named by the task's index in the workspace's task order, which the file's
+    metadata records. The masks are the file's bulk (T bytes an entry), so they are yielded as made, never all held."""
+    for name, tensor in elect_mask_rescale_items(task_vectors):
+        yield name, tensor
+        if progress is not None and name.startswith(VISUAL_PREFIX):
+            progress(name)
 
 
 def task_tower(stored: dict[str, torch.Tensor], base: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
@@ -100,5 +105,5 @@ def load_emr(workspace: Workspace, method: str, device: torch.device) -> MethodM
 METHOD = register(Method(
     name=NAME, kind="static", summary="elect one task vector, mask and rescale it per task (needs the task at inference)",
     row=79, load=load_emr, options=NoOptions, inputs=("base", "task-vectors"), eval_inputs=("base",),
-    output=merged_path(NAME), merge=emr, needs_task=True,
+    output=merged_path(NAME), merge=collected(emr), needs_task=True,
 ))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from rankone.methods.matrices import merge_per_matrix
-from rankone.methods.merging import Progress, static_merge
+from rankone.methods.merging import Progress, TaskVectors, Update, static_merge, summed
 from rankone.options import Options, lambda_option
 
 ISO_LAMBDA = 1.0
@@ -31,8 +31,8 @@ def flat_spectrum(matrix: torch.Tensor) -> torch.Tensor:
     return singular_values.mean() * (left @ right)
 
 
-def iso_c(task_vectors: list[dict[str, torch.Tensor]], options: Options, progress: Progress = None) -> dict[str, torch.Tensor]:
-    return merge_per_matrix(task_vectors, lambda matrices: flat_spectrum(torch.stack(matrices).sum(dim=0)), options.lam, progress)
+def iso_c(task_vectors: TaskVectors, options: Options, progress: Progress = None) -> Update:
+    return merge_per_matrix(task_vectors, lambda matrices: flat_spectrum(summed(matrices)), options.lam, progress)
 
 
 METHOD = static_merge("iso-c", "flat spectrum of each summed weight matrix; θ0 + λ·mean(S)·U·Vᵀ", row=74, options=IsoCOptions,

@@ -18,7 +18,7 @@ import torch
 
 from rankone.methods.iso_c import ISO_LAMBDA
 from rankone.methods.matrices import merge_per_matrix, orthonormal_factor
-from rankone.methods.merging import Progress, static_merge
+from rankone.methods.merging import Progress, TaskVectors, Update, static_merge, summed
 from rankone.options import Options, lambda_option, option
 
 
@@ -41,7 +41,7 @@ def common_and_task_subspaces(matrices: list[torch.Tensor], common_fraction: flo
     """mean(s)·U·Vᵀ over the common subspace of Στ and each task's own top directions outside it."""
     rank, tasks = min(matrices[0].shape), len(matrices)
     common, per_task = subspace_sizes(rank, tasks, common_fraction)
-    left, singular_values, right = torch.linalg.svd(torch.stack(matrices).sum(dim=0), full_matrices=False)
+    left, singular_values, right = torch.linalg.svd(summed(matrices), full_matrices=False)
     common_left = left[:, :common]
     lefts, values, rights = [], [], []
     for matrix in matrices:
@@ -56,7 +56,7 @@ def common_and_task_subspaces(matrices: list[torch.Tensor], common_fraction: flo
     return gathered_values.mean() * (orthonormal_factor(gathered_left) @ orthonormal_factor(gathered_right))
 
 
-def iso_cts(task_vectors: list[dict[str, torch.Tensor]], options: Options, progress: Progress = None) -> dict[str, torch.Tensor]:
+def iso_cts(task_vectors: TaskVectors, options: Options, progress: Progress = None) -> Update:
     return merge_per_matrix(task_vectors, lambda matrices: common_and_task_subspaces(matrices, options.common_fraction),
                             options.lam, progress)
 

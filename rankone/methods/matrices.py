@@ -10,11 +10,11 @@ the patch convolution, the class token) is merged as the mean of its task vector
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
-from rankone.methods.merging import Progress, check_vectors
+from rankone.methods.merging import Progress, TaskVectors, check_vectors
 
 # open_clip packs attention's query, key and value projections (weight and bias) into one tensor each.
 PACKED_ATTENTION = ("attn.in_proj_weight", "attn.in_proj_bias")
@@ -32,10 +32,10 @@ def weight_matrices(key: str, tensor: torch.Tensor) -> list[torch.Tensor] | None
     return unpacked(key, tensor) if tensor.dim() == 2 else None
 
 
-def merge_per_matrix(task_vectors: list[dict[str, torch.Tensor]], merge_matrix: Callable[[list[torch.Tensor]], torch.Tensor],
-                     scale: float, progress: Progress = None) -> dict[str, torch.Tensor]:
-    """The update scale·merged: `merge_matrix([τ_1, …, τ_T])` for each weight matrix, the mean τ for every other tensor."""
-    update: dict[str, torch.Tensor] = {}
+def merge_per_matrix(task_vectors: TaskVectors, merge_matrix: Callable[[list[torch.Tensor]], torch.Tensor],
+                     scale: float, progress: Progress = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The update scale·merged, key by key: `merge_matrix([τ_1, …, τ_T])` for each weight matrix, the mean τ for every
+    other tensor; only the current key's T tensors are in memory."""
     for key in check_vectors(task_vectors):
         vectors = [vector[key].float() for vector in task_vectors]
         if weight_matrices(key, vectors[0]) is None:
@@ -43,10 +43,10 @@ def merge_per_matrix(task_vectors: list[dict[str, torch.Tensor]], merge_matrix: 
         else:
             per_task = [weight_matrices(key, vector) for vector in vectors]
             merged = torch.cat([merge_matrix([blocks[index] for blocks in per_task]) for index in range(len(per_task[0]))], dim=0)
-        update[key] = scale * merged
+        del vectors
+        yield key, scale * merged
         if progress is not None:
             progress(key)
-    return update
 
 
 def orthonormal_factor(matrix: torch.Tensor) -> torch.Tensor:

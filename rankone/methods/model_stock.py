@@ -10,12 +10,13 @@ no expert changed stays at θ0. No options: the ratio is read from the weights.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from itertools import combinations
 
 import torch
 
 from rankone.errors import RankoneError
-from rankone.methods.merging import Progress, static_merge
+from rankone.methods.merging import Progress, TaskVectors, Update, static_merge
 from rankone.options import NoOptions, Options
 
 # Keeps 0/0 (a tensor no expert changed) at a zero cosine, hence t = 0.
@@ -34,17 +35,19 @@ def interpolation_ratio(vectors: list[torch.Tensor]) -> float:
     return count * cosine / ((count - 1) * cosine + 1 + EPSILON)
 
 
-def model_stock(task_vectors: list[dict[str, torch.Tensor]], options: Options, progress: Progress = None) -> dict[str, torch.Tensor]:
-    """The update θ_merge − θ0 = t·mean(τ), with t per tensor from `interpolation_ratio`."""
+def model_stock(task_vectors: TaskVectors, options: Options, progress: Progress = None) -> Update:
+    """The update θ_merge − θ0 = t·mean(τ), with t per tensor from `interpolation_ratio`, key by key."""
     if len(task_vectors) < 2:
         raise RankoneError(f"--method model-stock: needs at least 2 experts, the workspace has {len(task_vectors)}")
-    update: dict[str, torch.Tensor] = {}
+    return _model_stock_items(task_vectors, progress)
+
+
+def _model_stock_items(task_vectors: TaskVectors, progress: Progress) -> Iterator[tuple[str, torch.Tensor]]:
     for key in task_vectors[0]:
         vectors = [vector[key].float() for vector in task_vectors]
-        update[key] = interpolation_ratio(vectors) * torch.stack(vectors).mean(dim=0)
+        yield key, interpolation_ratio(vectors) * torch.stack(vectors).mean(dim=0)
         if progress is not None:
             progress(key)
-    return update
 
 
 METHOD = static_merge("model-stock", "θ0 + t·mean(τ), t from the angle between the experts", row=70, options=NoOptions,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from rankone.methods.matrices import merge_per_matrix, orthonormal_factor
-from rankone.methods.merging import Progress, static_merge
+from rankone.methods.merging import Progress, TaskVectors, Update, static_merge
 from rankone.options import Options, lambda_option
 
 TSV_LAMBDA = 1.0
@@ -40,7 +40,7 @@ def decorrelated_singular_vectors(matrices: list[torch.Tensor]) -> torch.Tensor:
     return orthonormal_factor(torch.cat(lefts, dim=1)) @ torch.diag(torch.cat(values)) @ orthonormal_factor(torch.cat(rights, dim=0))
 
 
-def tsv_merge(task_vectors: list[dict[str, torch.Tensor]], options: Options, progress: Progress = None) -> dict[str, torch.Tensor]:
+def tsv_merge(task_vectors: TaskVectors, options: Options, progress: Progress = None) -> Update:
     return merge_per_matrix(task_vectors, decorrelated_singular_vectors, options.lam, progress)
 
 

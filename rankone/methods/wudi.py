@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from rankone.methods.matrices import merge_per_matrix
-from rankone.methods.merging import Progress, static_merge
+from rankone.methods.merging import Progress, TaskVectors, Update, static_merge
 from rankone.options import Options, learning_rate_option, option
 
 
@@ -57,7 +57,7 @@ def least_interference(matrices: list[torch.Tensor], steps: int, lr: float) -> t
     return merged.detach()
 
 
-def wudi(task_vectors: list[dict[str, torch.Tensor]], options: Options, progress: Progress = None) -> dict[str, torch.Tensor]:
+def wudi(task_vectors: TaskVectors, options: Options, progress: Progress = None) -> Update:
     return merge_per_matrix(task_vectors, lambda matrices: least_interference(matrices, options.steps, options.lr), 1.0, progress)
 
 

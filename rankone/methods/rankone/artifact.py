@@ -54,6 +54,8 @@ def routed_from_workspace(
     load_router_state(model, routers, str(workspace.path(ADAPTED_ROUTERS)))
     settings = {"k": stored.k, "lambda": stored.lam, "select": select, "routing": routing,
                 "tasks": stored.tasks, **kind, "heads": metadata.get("heads", {})}
+    if "init" in metadata:  # entropy routers started from a fit of another kind (`--init`)
+        settings["init"] = metadata["init"]
     return model.to(device).eval(), settings
 
 

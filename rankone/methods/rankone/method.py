@@ -23,7 +23,9 @@ from rankone.methods.rankone.pool import (
 from rankone.models import count_parameters
 from rankone.options import ADAPTATION_LR, Options, lambda_option, option
 from rankone.task_vectors import load_task_vectors, task_vector_path
-from rankone.methods.rankone.routers import ROUTERS, TASK_GATES, TASK_ROUTER_LR, gate_of, scorer_of, task_objective
+from rankone.methods.rankone.routers import (
+    INITS, ROUTERS, TASK_GATES, TASK_ROUTER_LR, fit_routers, gate_of, scorer_of, task_objective,
+)
 from rankone.models import preprocess_for
 from rankone.training import (
     AdaptOptions, HeadRequests, TrainingLog, adapt_with_checkpoints, adaptation_inputs, classify_with, head_requests,
@@ -53,6 +55,8 @@ class RankOneOptions(RoutingOptions):
     temperature: float = option(1.0, "subspace and task routers, soft gate: softmax temperature.", low=0.0, low_open=True)
     gate_scale: float = option(1.0, "subspace and task routers: the gate's total weight (1: the routed task's own rank-k update).",
                                low=0.0)
+    init: str = option("random", "entropy routers: start from SPEC's random weights, or from a least-squares fit of the "
+                       "subspace or task kind's hard routing on the unlabeled images.", choices=INITS)
     lr: float | None = option(None, "Adam learning rate.", low=0.0, low_open=True,
                               shown_default=f"{ADAPTATION_LR:g}, SPEC's; with --router task {TASK_ROUTER_LR:g}")
 
@@ -66,7 +70,7 @@ class RankOneOptions(RoutingOptions):
         checkpoints made before kinds existed, stay as they were; `artifact.router_kind` reads the absence as entropy),
         else the kind and its gate."""
         if self.router == "entropy":
-            return {}
+            return {} if self.init == "random" else {"init": self.init}
         return {"router": self.router, "gate": self.gate, "temperature": self.temperature, "gate_scale": self.gate_scale}
 
 
@@ -115,6 +119,8 @@ def adapt_rankone(workspace: Workspace, options: AdaptOptions, method_options: R
     write adapted/rankone.safetensors."""
     stored = read_pool(workspace)
     router, lr = method_options.router, method_options.learning_rate()
+    if method_options.init != "random" and router != "entropy":
+        raise RankoneError(f"--init {method_options.init}: starts entropy routers; --router {router} has its own training")
     routing = method_options.routing_settings()
     # Router initial noise comes from the seed too, so runs (and resumed runs) start from the same routers.
     model = routed_model(workspace.architecture, stored.static, stored.pool, stored.lam, method_options.select,
@@ -145,6 +151,12 @@ def adapt_rankone(workspace: Workspace, options: AdaptOptions, method_options: R
     config["tasks"] = inputs.tasks
     resume = resume_state(workspace, "rankone", options, config)
     heads = task_heads(workspace, inputs.requests, options.device)
+    if method_options.init != "random" and resume is None:
+        fit = fit_routers(model, inputs.unlabeled, stored.tasks, method_options.init, batch_size=options.batch_size,
+                          device=options.device)
+        options.note(f"routers fitted to the {fit.kind} kind's routing on {fit.images} unlabeled images: "
+                     f"the fit picks that kind's task for {100 * sum(fit.agreement) / len(fit.agreement):.0f}% of them "
+                     f"(mean over {len(fit.agreement)} blocks)")
     log = adapt_with_checkpoints(workspace, "rankone", classify_with(model, heads), router_parameters(model),
                                  inputs.unlabeled, options, config, lr, resume)
     return save_adapted(workspace, ADAPTED_ROUTERS, router_state(model), config, options, inputs.requests, log)
