@@ -46,8 +46,8 @@ INITS = ("random", "subspace", "task")
 # The first images of each task's folder that the fit reads (in folder order, so the fit needs no seed).
 INIT_IMAGES_PER_TASK = 128
 # Ridge of the fit, relative to the mean variance of the token means: the fit sees fewer images than a block has
-# dimensions (8 tasks × 128 images against 768 at ViT-B/32), so it needs one; 1e-2 was picked on the example by how
-# often the fitted router picks the kind's task on held-out unlabeled images (docs/method.md).
+# dimensions (8 tasks × 128 images against 768 at ViT-B/32), so it needs one. 1e-2 is a first choice, not yet compared
+# with others; the rule to pick it without test labels is the fit's agreement with the kind on held-out unlabeled images.
 INIT_RIDGE = 1e-2
 
 
