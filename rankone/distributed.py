@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from rankone.errors import RankoneError
+from rankone.workspace import process_alive
 
 T = TypeVar("T")
 
@@ -249,24 +250,6 @@ def launcher_environment(nproc: int) -> dict[str, str]:
 
 # ---- one line when a process fails ------------------------------------------------------------
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            # A killed worker stays a zombie until torchrun reaps it: dead all the same.
-            return handle.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-    except OSError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _dead_ranks(store, size: int) -> list[int]:
     """Ranks on this machine whose process is gone (others' machines cannot be looked at)."""
     host = socket.gethostname()
@@ -279,7 +262,7 @@ def _dead_ranks(store, size: int) -> list[int]:
             where, pid = store.get(key).decode().split()
         except (RuntimeError, ValueError):
             continue
-        if where == host and not _alive(int(pid)):
+        if where == host and not process_alive(int(pid)):
             dead.append(rank)
     return dead
 

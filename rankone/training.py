@@ -37,7 +37,7 @@ from rankone.models import preprocess_for
 from rankone.options import Options, option, seed_option
 from rankone.plots import plot_curves, require_matplotlib
 from rankone.progress import shown
-from rankone.workspace import Workspace, _fault_point, read_tensors_metadata
+from rankone.workspace import Workspace, fault_point, read_tensors_metadata
 
 Checkpoint = Callable[[int, dict], None]
 
@@ -165,7 +165,7 @@ def minimise_entropy(
                 values.append(float(loss.detach()))
                 images += batch_size  # the whole batch, over every process
             if current.distributed:
-                _fault_point(f"rank{current.rank}-step-{step + 1}")
+                fault_point(f"rank{current.rank}-step-{step + 1}")
                 distributed.sum_gradients(parameters)
                 values = distributed.sum_floats(values)
             for task, value in zip(loaders, values):

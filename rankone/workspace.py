@@ -568,10 +568,10 @@ class Workspace:
             files.update(hashes)
             manifest.update(manifest_updates)
             manifest["files"] = dict(sorted(files.items()))
-            _fault_point("before-journal")
+            fault_point("before-journal")
             write_json_atomic(self.root / JOURNAL_FILE, {"staging": staging.root.name, "written": staging.written,
                                                          "removed": staging.removed, "manifest": manifest})
-            _fault_point("after-journal")
+            fault_point("after-journal")
             self._roll_forward()
 
     def _roll_forward(self) -> None:
@@ -596,7 +596,7 @@ class Workspace:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(source, target)
             if index == 0:
-                _fault_point("after-first-move")
+                fault_point("after-first-move")
         write_json_atomic(self.manifest_path, manifest)
         journal_path.unlink()
         shutil.rmtree(staging_root, ignore_errors=True)
@@ -609,7 +609,7 @@ class Workspace:
             with self.locked():
                 self._roll_forward()
         for entry in self.root.iterdir():
-            if entry.name.startswith(STAGING_PREFIX) and entry.is_dir() and not _alive(_staging_pid(entry.name)):
+            if entry.name.startswith(STAGING_PREFIX) and entry.is_dir() and not process_alive(_staging_pid(entry.name)):
                 shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -620,9 +620,17 @@ def _staging_pid(name: str) -> int | None:
         return None
 
 
-def _alive(pid: int | None) -> bool:
+def process_alive(pid: int | None) -> bool:
+    """Whether process `pid` still runs on this machine; a zombie (killed, not yet reaped by its parent) does not."""
     if pid is None:
         return False
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -632,7 +640,7 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
-def _fault_point(name: str) -> None:
+def fault_point(name: str) -> None:
     """Tests kill a stage at a named point of the commit (`RANKONE_TEST_KILL_AT=after-journal`) to check recovery."""
     if os.environ.get("RANKONE_TEST_KILL_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
