@@ -43,6 +43,7 @@ MERGES = ("task-arithmetic", "ties", "dare", "tsv-merge", "iso-c", "iso-cts", "w
 MERGE_OPTIONS = {"wudi": ["--steps", str(WUDI_STEPS)]}
 # The merges whose cost at T = 20 is not hundreds of SVDs per matrix (TSV-Merge and Iso-CTS decompose every τ_t).
 QUICK_MERGES = ("task-arithmetic", "ties", "dare", "iso-c", "emr")
+NO_POOL = "--no-pool"
 STATIC_EXPORT = "ties"  # every merge list here has it
 NOISE = 1e-3
 
@@ -82,13 +83,16 @@ def write_models(folder: Path, tasks: int) -> tuple[Path, dict[str, Path]]:
 
 # ---- one stage in its own process ---------------------------------------------------------------
 
-def stage_commands(workspace: Path, base: Path, experts: dict[str, Path], merges: tuple[str, ...], export_root: Path) -> list[tuple[str, list[str]]]:
-    """(label, rankone arguments) in run order."""
+def stage_commands(workspace: Path, base: Path, experts: dict[str, Path], merges: tuple[str, ...], export_root: Path,
+                   merges_only: bool = False) -> list[tuple[str, list[str]]]:
+    """(label, rankone arguments) in run order; with `merges_only`, just what the merges need before them."""
     w = ["-w", str(workspace)]
     fetch = ["fetch", "--base", str(base), *[arg for task, path in experts.items() for arg in ("--expert", f"{task}={path}")], *w]
-    commands = [("fetch", fetch), ("task-vectors", ["task-vectors", *w]),
-                ("build-pool", ["build-pool", "--k", str(K), "--svd", "randomized", *w])]
-    commands += [(f"merge {method}", ["merge", "--method", method, *MERGE_OPTIONS.get(method, []), *w]) for method in merges]
+    commands = [("fetch", fetch), ("task-vectors", ["task-vectors", *w])]
+    merged = [(f"merge {method}", ["merge", "--method", method, *MERGE_OPTIONS.get(method, []), *w]) for method in merges]
+    if merges_only:
+        return commands + merged
+    commands += [("build-pool", ["build-pool", "--k", str(K), "--svd", "randomized", *w]), *merged]
     commands += [("adapt rankone (subspace)", ["adapt", "--method", "rankone", "--router", "subspace", *w]),
                  ("export rankone", ["export", "--method", "rankone", "--out", str(export_root / "rankone"), *w]),
                  (f"export {STATIC_EXPORT}", ["export", "--method", STATIC_EXPORT,
@@ -183,13 +187,16 @@ def child_arithmetic(workspace: Path, merges: list[str]) -> None:
     def in_memory(key: str) -> list[dict[str, torch.Tensor]]:
         return [{key: vector[key].clone()} for vector in lazy]
 
-    total = 0.0
-    for key in mlp_weight_keys({key: None for key in keys}):
-        vectors = in_memory(key)
-        began = time.perf_counter()
-        build_pool(vectors, K, "randomized")
-        total += time.perf_counter() - began
-    seconds["build-pool"] = total
+    if NO_POOL in merges:  # an --add run: no build-pool stage to compare with
+        merges = [method for method in merges if method != NO_POOL]
+    else:
+        total = 0.0
+        for key in mlp_weight_keys({key: None for key in keys}):
+            vectors = in_memory(key)
+            began = time.perf_counter()
+            build_pool(vectors, K, "randomized")
+            total += time.perf_counter() - began
+        seconds["build-pool"] = total
     for method in merges:
         chosen = methods.get(method)
         values = {"steps": WUDI_STEPS} if method == "wudi" else {}
@@ -208,7 +215,7 @@ def child_arithmetic(workspace: Path, merges: list[str]) -> None:
 
 # ---- the run ------------------------------------------------------------------------------------
 
-def measure(tasks: int, root: Path, merges: tuple[str, ...], threads: int, keep: bool) -> dict:
+def measure(tasks: int, root: Path, merges: tuple[str, ...], threads: int, keep: bool, merges_only: bool = False) -> dict:
     folder = Path(tempfile.mkdtemp(dir=root, prefix=f"memory-T{tasks}-"))
     try:
         log(f"T={tasks}: writing a random {ARCHITECTURE} base and {tasks} experts")
@@ -218,12 +225,13 @@ def measure(tasks: int, root: Path, merges: tuple[str, ...], threads: int, keep:
         base, experts = folder / "models" / "base", {f"task{index}": folder / "models" / f"task{index}.safetensors" for index in range(tasks)}
         setup_s = time.perf_counter() - began
         rows = []
-        for label, arguments in stage_commands(folder / "work", base, experts, merges, folder / "exports"):
+        for label, arguments in stage_commands(folder / "work", base, experts, merges, folder / "exports", merges_only):
             row = {"stage": label, **run_child(["--child", *arguments], threads)}
             rows.append(row)
             log(f"T={tasks} {label}: {row['peak_rss_mb']:.0f} MB peak, {row['wall_s']:.1f} s "
                 f"(start-up {row['startup_s']:.1f} s, stage {row['stage_s']:.1f} s, of which imports {row['stage_imports_s']:.1f} s)")
-        arithmetic = run_child(["--child-arithmetic", str(folder / "work"), *merges], threads)["arithmetic_s"]
+        arithmetic = run_child(["--child-arithmetic", str(folder / "work"), *merges, *([NO_POOL] if merges_only else [])],
+                               threads)["arithmetic_s"]
         for row in rows:
             if row["stage"] in arithmetic:
                 row["arithmetic_s"] = arithmetic[row["stage"]]
@@ -257,6 +265,22 @@ def write_results(section: dict) -> None:
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
 
 
+def added_to(section: dict, addition: dict, merges: tuple[str, ...]) -> dict:
+    """`section` (the recorded "memory" key) with the rows of `merges` from `addition` (an --add run) put in or
+    replaced, for the same values of T, and the run that measured them listed under "additions"."""
+    labels = {f"merge {method}" for method in merges}
+    added = {run["tasks"]: run for run in addition.pop("runs")}
+    if {run["tasks"] for run in section["runs"]} != set(added):
+        raise SystemExit(f"--add: measure the same T as the recorded run ({sorted(run['tasks'] for run in section['runs'])})")
+    for run in section["runs"]:
+        rows = {row["stage"]: row for row in added[run["tasks"]]["stages"] if row["stage"] in labels}
+        kept = [row for row in run["stages"] if row["stage"] not in rows]
+        at = next((index for index, row in enumerate(kept) if not row["stage"].startswith(("fetch", "task-vectors", "build-pool", "merge"))), len(kept))
+        run["stages"] = kept[:at] + list(rows.values()) + kept[at:]
+    section.setdefault("additions", []).append({**addition, "stages": sorted(labels)})
+    return section
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child_stage(sys.argv[2:])
@@ -274,13 +298,15 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()), help="where the workspaces go")
     parser.add_argument("--keep", action="store_true", help="keep the workspaces")
     parser.add_argument("--no-write", action="store_true", help="print the table, leave bench/results.json alone")
+    parser.add_argument("--add", action="store_true", help="run only fetch, task-vectors and --merges, and put the merges' rows "
+                                                          "into the recorded run (same --tasks) instead of replacing it")
     args = parser.parse_args()
     merges = tuple(args.merges) if args.merges else QUICK_MERGES if args.quick else MERGES
-    if STATIC_EXPORT not in merges:
+    if STATIC_EXPORT not in merges and not args.add:
         parser.error(f"--merges: include {STATIC_EXPORT}, the merge the static export writes")
     began = time.perf_counter()
     load_start = [round(value, 2) for value in os.getloadavg()]
-    runs = [measure(tasks, args.root, merges, args.threads, args.keep) for tasks in sorted(args.tasks)]
+    runs = [measure(tasks, args.root, merges, args.threads, args.keep, merges_only=args.add) for tasks in sorted(args.tasks)]
     section = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() - (time.perf_counter() - began))),
         "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
@@ -289,6 +315,9 @@ def main() -> None:
         "load_average_start": load_start, "load_average_end": [round(value, 2) for value in os.getloadavg()],
         "wall_s": round(time.perf_counter() - began, 1), "runs": runs,
     }
+    if args.add:
+        section = added_to(json.loads(RESULTS.read_text())["memory"], section, merges)
+        runs = section["runs"]
     print(table(runs))
     if not args.no_write:
         write_results(section)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from rankone import numerics
 from rankone.errors import RankoneError
 from rankone.data import DataFolders, ImageDataset, LabeledImages, labeled_images
 from rankone.evaluate import task_accuracy
@@ -103,7 +104,7 @@ def finetune_image_tower(
     generator = torch.Generator().manual_seed(seed)
     visual = clip_model.visual.to(device).train()
     head = head.detach().to(device, torch.float32)
-    optimizer = torch.optim.Adam(visual.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = numerics.adam(visual.parameters(), device, lr=lr, weight_decay=weight_decay)
     losses: list[float] = []
     batches = _batches(dataset, batch_size, generator, num_workers)
     for step in range(steps):

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rankone import distributed
+from rankone import distributed, numerics
 from rankone.errors import RankoneError
 from rankone.models import load_clip, open_clip, tokenizer_for
 from rankone.templates import HEAD_FORMAT, canonical_task, templates_for
@@ -97,7 +97,7 @@ def logit_scale(state_dict: dict[str, torch.Tensor]) -> float:
     """exp(logit_scale) of a CLIP state dict; 100 when it has none."""
     if "logit_scale" not in state_dict:
         return DEFAULT_LOGIT_SCALE
-    return float(state_dict["logit_scale"].float().exp())
+    return float(numerics.exp(state_dict["logit_scale"].float()))
 
 
 def zero_shot_head(

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from rankone import distributed
+from rankone import distributed, numerics
 from rankone.data import DataFolders, ImageDataset, data_folders, labeled_images, unlabeled_images
 from rankone.errors import RankoneError
 from rankone.heads import HEAD_SOURCES, classify_logits, fusionbench_classnames_and_templates, heads_for_tasks, read_lines
@@ -44,8 +44,9 @@ Checkpoint = Callable[[int, dict], None]
 
 def batch_entropy(logits: Tensor) -> Tensor:
     """Mean over the batch of the Shannon entropy (nats) of softmax(logits)."""
+    # softmax rather than log_probs.exp(): torch.exp's CPU kernel differs by CPU vendor (rankone.numerics).
     log_probs = torch.log_softmax(logits.float(), dim=-1)
-    return -(log_probs.exp() * log_probs).sum(dim=-1).mean()
+    return -(torch.softmax(logits.float(), dim=-1) * log_probs).sum(dim=-1).mean()
 
 
 def _stream_seed(seed: int, task: str, epoch: int) -> int:
@@ -126,7 +127,7 @@ def minimise_entropy(
     if not unlabeled or empty:
         raise RankoneError(f"adapt: no unlabeled images for task {empty[0] if empty else '(none given)'}")
     device = torch.device(device)
-    optimizer = torch.optim.Adam(parameters, lr=lr)
+    optimizer = numerics.adam(parameters, device, lr=lr)
     start, losses = 0, []
     if resume is not None:
         if len(resume["parameters"]) != len(parameters):

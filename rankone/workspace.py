@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,28 @@ def staging_folder(parent: Path, name: str) -> Path:
         raise RankoneError(f"--out {parent / name}: cannot write here ({_write_error_reason(error)})") from None
     follow_umask(folder, directory=True)
     return folder
+
+
+# A file whose last write is older than this when its hash is recorded can be recognised later by
+# its inode and modification time: any write after the commit gives it a later time, even on a
+# file system whose clock only moves every few milliseconds.
+SETTLED_NS = 50_000_000
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    """A manifest entry: sha256 and size, and (once the file has settled) its inode and modification time."""
+    record: dict[str, Any] = {"sha256": sha256_file(path)}
+    found = path.stat()
+    record["size"] = found.st_size
+    if found.st_mtime_ns < time.time_ns() - SETTLED_NS:
+        record.update(inode=found.st_ino, mtime_ns=found.st_mtime_ns)
+    return record
+
+
+def _untouched(found: os.stat_result, recorded: dict[str, Any]) -> bool:
+    """The same file, not written since its hash was recorded: no need to hash it again (a copied
+    or rewritten file, or an entry without them, is hashed)."""
+    return "mtime_ns" in recorded and (found.st_ino, found.st_mtime_ns) == (recorded.get("inode"), recorded["mtime_ns"])
 
 
 def check_sha256(folder: Path, recorded: dict[str, str], record: str) -> None:
@@ -466,7 +489,8 @@ class Workspace:
             if relpath not in files or not path.exists():
                 raise RankoneError(f"{path}: missing; run `{producer_of(relpath)}` first")
             recorded = files[relpath]
-            if path.stat().st_size == recorded.get("size") and sha256_file(path) == recorded.get("sha256"):
+            found = path.stat()
+            if found.st_size == recorded.get("size") and (_untouched(found, recorded) or sha256_file(path) == recorded.get("sha256")):
                 return path
             if attempt == 0:
                 # Another stage may be committing this file right now: wait for its commit, then look again.
@@ -555,8 +579,7 @@ class Workspace:
         folder is removed by the next stage); one killed after it is completed by the next
         command that reads the workspace (`recover`).
         """
-        hashes = {relpath: {"sha256": sha256_file(staging.root / relpath), "size": (staging.root / relpath).stat().st_size}
-                  for relpath in staging.written}
+        hashes = {relpath: _file_record(staging.root / relpath) for relpath in staging.written}
         # Once the journal is written the moves must succeed, so anything in their way is refused first.
         self.check_writable(staging.written)
         with self.locked():

@@ -5,6 +5,7 @@ Everything is built here and written in real on-disk formats; nothing is mocked.
 
 from __future__ import annotations
 
+import collections
 import copy
 import hashlib
 import os
@@ -14,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from rankone import numerics
 from rankone.models import build_clip, visual_state
 from rankone.workspace import Workspace
 
@@ -371,3 +374,18 @@ def assert_same_update(ours: dict[str, torch.Tensor], expected: dict[str, torch.
         rounding = 2 * torch.finfo(torch.float32).eps * base[key].abs().max().item()
         error = (our_update - update).abs().max().item()
         assert error <= tolerance * max(scale, 1e-12) + rounding, f"{what} {key}: max error {error:.3g} against an update of {scale:.3g}"
+
+
+class OperatorCensus(TorchDispatchMode):
+    """Counts every aten operator called while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+    def vendor_dependent(self) -> dict[str, int]:
+        return {name: count for name, count in self.calls.items() if name in numerics.VENDOR_DEPENDENT_OPS}

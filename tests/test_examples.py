@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import OperatorCensus
+from rankone import numerics
 from rankone.data import labeled_images, unlabeled_images
 from rankone.errors import RankoneError
 from rankone.examples import recipes, suite, zoo
@@ -123,7 +125,7 @@ def test_zoo_is_built_once_and_cached_by_recipe(tmp_path):
     assert again.root == built.root and (again.root / zoo.REPORT_FILE).stat().st_mtime_ns == stamp
     # The fingerprint the build recorded is the one its files give on a later load.
     assert again.report["fingerprint"] == recipes.weights_fingerprint(again.root) == built.fingerprint
-    assert built.report["build"]["threads"] == zoo.BUILD_THREADS and built.report["key"] == built.root.name
+    assert built.report["build"]["threads"] == numerics.PINNED_THREADS and built.report["key"] == built.root.name
     assert json.loads((built.root / zoo.RECIPE_FILE).read_text()) == tiny
     other = zoo.build_zoo({**tiny, "seed": 1}, cache=tmp_path)
     assert other.root != built.root
@@ -159,12 +161,12 @@ def test_weights_fingerprint_changes_with_one_ulp_and_is_stable_across_a_reload(
 
 
 def test_the_build_environment_pins_mkl_threads_and_aten_where_the_cpu_has_avx2():
-    pinned = zoo.build_environment("AVX512")
+    pinned = numerics.pinned_environment("AVX512")
     assert pinned["MKL_CBWR"] == "COMPATIBLE" and pinned["ATEN_CPU_CAPABILITY"] == "avx2"
-    assert pinned["OMP_NUM_THREADS"] == pinned["MKL_NUM_THREADS"] == str(zoo.BUILD_THREADS)
-    assert zoo.build_environment("AVX2")["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert pinned["OMP_NUM_THREADS"] == pinned["MKL_NUM_THREADS"] == str(numerics.PINNED_THREADS)
+    assert numerics.pinned_environment("AVX2")["ATEN_CPU_CAPABILITY"] == "avx2"
     # Forcing AVX2 kernels on a CPU without it would crash them, so it is left out there.
-    assert "ATEN_CPU_CAPABILITY" not in zoo.build_environment("DEFAULT")
+    assert "ATEN_CPU_CAPABILITY" not in numerics.pinned_environment("DEFAULT")
 
 
 def test_the_build_ignores_the_callers_threads_and_instruction_set(tmp_path, monkeypatch):
@@ -195,9 +197,20 @@ def test_demo_quick_runs_every_stage_through_the_cli(tmp_path, monkeypatch):
     from rankone.cli import app
 
     monkeypatch.setenv("RANKONE_CACHE", str(tmp_path / "cache"))
+    # The demo pins this process's CPU settings (numerics.pin_this_process): put them back afterwards.
+    for name in numerics.pinned_environment("AVX2"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", torch.backends.mkldnn.enabled)
+    threads = torch.get_num_threads()
     work = tmp_path / "demo-work"
-    result = CliRunner().invoke(app, ["demo", "--quick", "-w", str(work), "--device", "cpu"])
+    try:
+        with OperatorCensus() as census:
+            result = CliRunner().invoke(app, ["demo", "--quick", "-w", str(work), "--device", "cpu"])
+    finally:
+        torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
+    # Every stage in this process (the zoo's build has its own test) keeps to kernels that are the same on every x86 CPU.
+    assert census.calls["aten._fused_adam_"] > 0 and census.vendor_dependent() == {}
     for stage in ("fetch", "task-vectors", "merge", "build-pool", "adapt", "eval", "compare"):
         assert f"$ rankone {stage} " in result.output
     summary = json.loads((work / "compare.json").read_text())
@@ -216,6 +229,9 @@ def test_demo_quick_runs_every_stage_through_the_cli(tmp_path, monkeypatch):
     rankone_row = next(row for row in summary["rows"] if row["method"] == "rankone")
     assert f"RankOne-MoE over seeds [0]: {rankone_row['average']:.1f}" in result.output.replace("\n", " ")
     assert f"weights fingerprint {demo['zoo']['fingerprint']}" in result.output.replace("\n", " ")
+    # Too late to pin MKL and ATen in a process that ran kernels before; the record says what was in force.
+    assert demo["cpu_kernels"]["threads"] == numerics.PINNED_THREADS and demo["cpu_kernels"]["mkldnn"] is False
+    assert f"CPU kernels: ATen {demo['cpu_kernels']['cpu_capability']}, MKL" in result.output.replace("\n", " ")
     assert len(list((tmp_path / "cache" / "examples").iterdir())) == 1
 
 

@@ -195,6 +195,31 @@ def test_fitted_routers_reproduce_the_kinds_hard_gate(every_stage_workspace, unl
             torch.testing.assert_close(alpha, expected, rtol=0, atol=1e-4)
 
 
+def test_the_fit_reports_its_agreement_on_the_images_it_did_not_read(every_stage_workspace, unlabeled_data):
+    from rankone.methods.rankone.module import rankone_mlps, routed_model
+    from rankone.methods.rankone.pool import read_pool
+    from rankone.methods.rankone.routers import fit_routers, routed_as, token_means
+    from rankone.models import preprocess_for
+    from rankone.training import unlabeled_sets
+
+    workspace = every_stage_workspace
+    stored = read_pool(workspace)
+    model = routed_model(workspace.architecture, stored.static, stored.pool, stored.lam, tasks=stored.tasks)
+    unlabeled = unlabeled_sets(unlabeled_data, stored.tasks, preprocess_for(workspace.architecture))
+    fit = fit_routers(model, unlabeled, stored.tasks, "task", images_per_task=1)
+    assert fit.images == len(unlabeled)
+    picked = [[] for _ in rankone_mlps(model)]
+    for index, dataset in enumerate(unlabeled.values()):
+        rest = torch.stack([dataset[position] for position in range(1, len(dataset))])
+        with routed_as(model, "task", index):
+            means = token_means(model, rest)
+        for block, (mlp, block_means) in enumerate(zip(rankone_mlps(model), means)):
+            scores = mlp.router(block_means).reshape(len(rest), mlp.tasks, -1).mean(dim=-1)
+            picked[block] += (scores.argmax(dim=-1) == index).tolist()
+    assert fit.held_out == pytest.approx([sum(block) / len(block) for block in picked])
+    assert fit_routers(model, unlabeled, stored.tasks, "task").held_out == []  # every image was fitted
+
+
 def test_init_starts_entropy_adaptation_and_is_recorded(every_stage_workspace, unlabeled_data, labeled_data, rankone_cli):
     workspace = every_stage_workspace
     code, out, err = rankone_cli("adapt", "-w", workspace.root, "--init", "task", "--data", unlabeled_data, "--steps", "2",

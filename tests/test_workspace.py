@@ -1,4 +1,6 @@
 import json
+import os
+import time
 
 import pytest
 import torch
@@ -15,6 +17,29 @@ def test_transaction_records_hashes_and_files_load_back(tmp_path):
     manifest = json.loads((tmp_path / "w" / "manifest.json").read_text())
     assert manifest["files"]["experts/a.safetensors"]["sha256"] == sha256_file(tmp_path / "w" / "experts/a.safetensors")
     assert torch.equal(workspace.load_tensors("experts/a.safetensors")["x"], torch.arange(3.0))
+
+
+def test_a_settled_file_is_known_by_inode_and_time_and_any_write_after_its_commit_is_caught(tmp_path):
+    workspace = Workspace(tmp_path / "w")
+    with workspace.transaction({"tasks": ["a"], "architecture": {}}, create=True) as staging:
+        staging.save_tensors("settled.safetensors", {"x": torch.arange(4.0)})
+        time.sleep(0.1)  # older than SETTLED_NS when the commit hashes it
+        staging.save_tensors("fresh.safetensors", {"x": torch.arange(4.0)})
+    files = workspace.manifest()["files"]
+    settled, fresh = workspace.path("settled.safetensors"), workspace.path("fresh.safetensors")
+    assert (files["settled.safetensors"]["inode"], files["settled.safetensors"]["mtime_ns"]) == (settled.stat().st_ino, settled.stat().st_mtime_ns)
+    assert "mtime_ns" not in files["fresh.safetensors"]  # written too recently for its time to tell it apart
+    for path in (settled, fresh):
+        path.write_bytes(path.read_bytes().replace(b"\x00\x00\x80\x3f", b"\x00\x00\x00\x40"))  # 1.0 → 2.0, same size
+        with pytest.raises(RankoneError, match="does not match the workspace manifest"):
+            workspace.require(path.name)
+    # The settled entry is trusted on inode and time alone, as git trusts its index: put the
+    # time back and the changed bytes go unnoticed, while the fresh one is hashed again.
+    os.utime(settled, ns=(files["settled.safetensors"]["mtime_ns"],) * 2)
+    assert workspace.require("settled.safetensors") == settled
+    os.utime(fresh, ns=(fresh.stat().st_mtime_ns - 10**9,) * 2)
+    with pytest.raises(RankoneError, match="does not match the workspace manifest"):
+        workspace.require("fresh.safetensors")
 
 
 def test_failed_stage_leaves_workspace_untouched(tmp_path):

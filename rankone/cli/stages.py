@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import dataclasses
 import json
 import shlex
 import traceback
@@ -17,7 +18,7 @@ import torch
 import typer
 from rich.markup import escape
 
-from rankone import distributed, label_free, methods, pipeline
+from rankone import distributed, label_free, methods, numerics, pipeline
 from rankone.cli import render
 from rankone.cli.app import command, console, error_console, say, step_bar
 from rankone.cli.flags import KEYWORD, stage_command
@@ -335,8 +336,6 @@ def load_example(name: str, device: str) -> demo.Example:
 
 def run_example(example: str, seeds: int | None, workspace: Path, device: str, zoo_path: bool = False) -> None:
     """`rankone demo`: the example's zoo (only its folder printed, with `zoo_path`), then its pipeline file run and the comparison printed."""
-    if resolve_device(device).type == "cpu":
-        torch.set_num_threads(min(torch.get_num_threads(), 2))
     prepared = load_example(example, device)
     if zoo_path:
         print(prepared.zoo.root)
@@ -345,7 +344,7 @@ def run_example(example: str, seeds: int | None, workspace: Path, device: str, z
     say(f"example zoo: {prepared.zoo.root} ({len(prepared.zoo.tasks)} tasks: {', '.join(prepared.zoo.tasks)})")
     say("static " + label_free.describe(prepared.entropies, prepared.lam))
     records = execute(chosen)
-    result = demo.demo_result(chosen, records, prepared)
+    result = dataclasses.replace(demo.demo_result(chosen, records, prepared), cpu_kernels=numerics.pinned_state())
     for line in demo.result_lines(result):
         say(line)
     demo.write_result_json(result, Path(workspace) / "demo.json")

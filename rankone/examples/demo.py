@@ -157,6 +157,8 @@ class DemoResult:
     pool_oracle: dict[str, Any] = field(default_factory=dict)
     zoo_key: str = ""
     zoo_fingerprint: str = ""
+    # The CPU kernel settings the stages ran with (`numerics.pinned_state`); the README's numbers were made pinned.
+    cpu_kernels: dict[str, Any] = field(default_factory=dict)
 
     def rankone_average(self) -> tuple[float, float]:
         averages = [report["average"] for report in self.rankone_seeds.values()]
@@ -240,6 +242,10 @@ def result_lines(result: DemoResult) -> list[str]:
         lines.append(f"fine-tuning gain over zero-shot: {rows['individual']['average'] - rows['pretrained']['average']:+.1f} points")
     lines.append(f"example zoo {result.zoo_key}, weights fingerprint {result.zoo_fingerprint} "
                  "(compare it with the one beside the README's table)")
+    if result.cpu_kernels:
+        kernels = result.cpu_kernels
+        lines.append(f"CPU kernels: ATen {kernels['cpu_capability']}, MKL {kernels['mkl_cbwr'] or 'AUTO'}, {kernels['threads']} threads, "
+                     f"oneDNN {'on' if kernels['mkldnn'] else 'off'} (the README's: ATen AVX2, MKL COMPATIBLE, 2 threads, oneDNN off)")
     return lines
 
 
@@ -251,5 +257,5 @@ def write_result_json(result: DemoResult, path: Path) -> None:
         "rankone_mean": mean, "rankone_std": spread, "perfect_router": result.perfect_router, "compare": result.summary,
         "zoo": {"key": result.zoo_key, "fingerprint": result.zoo_fingerprint},
         "router_kinds": {kind: kind_summary(reports) for kind, reports in result.router_kinds.items()},
-        "pool_oracle": result.pool_oracle,
+        "pool_oracle": result.pool_oracle, "cpu_kernels": result.cpu_kernels,
     }, indent=2) + "\n")

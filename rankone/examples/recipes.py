@@ -35,7 +35,7 @@ TINY_CLIP: dict[str, Any] = {
 
 # What `zoo.build_environment` pins on a CPU. In the key: a zoo built before or without it has
 # other bits, so it must not be found under the key of one built with it.
-BUILD_PINNING = "mkl-compatible aten-avx2 no-onednn 2-threads"
+BUILD_PINNING = "mkl-compatible aten-avx2 no-onednn 2-threads no-mkl-vector-math"
 
 RECIPE_FILE = "recipe.json"
 REPORT_FILE = "zoo.json"
@@ -106,8 +106,25 @@ def weights_fingerprint(root: Path) -> str:
 
     What two builds of one recipe key are compared by: the key hashes the recipe, not the bits.
     """
+    return _tensors_fingerprint(root, [*(root / "base").glob("*.safetensors"), *(root / "experts").glob("*/*.safetensors")])
+
+
+def part_fingerprints(root: Path) -> dict[str, str]:
+    """A fingerprint of each part of the zoo at `root`, in build order (the data's over its files'
+    paths and bytes): where two builds of one key differ, the first unequal part is where their
+    bits parted."""
+    data = hashlib.sha256()
+    for path in sorted(item for item in (root / "data").rglob("*") if item.is_file()):
+        data.update(path.relative_to(root).as_posix().encode() + b"\n" + path.read_bytes())
+    parts = {"data": data.hexdigest()[:16], "base": _tensors_fingerprint(root, list((root / "base").glob("*.safetensors")))}
+    for expert in sorted(path for path in (root / "experts").iterdir() if path.is_dir()):
+        parts[f"experts/{expert.name}"] = _tensors_fingerprint(root, list(expert.glob("*.safetensors")))
+    return parts
+
+
+def _tensors_fingerprint(root: Path, paths: list[Path]) -> str:
     digest = hashlib.sha256()
-    for path in sorted([*(root / "base").glob("*.safetensors"), *(root / "experts").glob("*/*.safetensors")]):
+    for path in sorted(paths):
         with safe_open(path, framework="numpy") as weights:
             for name in sorted(weights.keys()):
                 tensor = weights.get_slice(name)

@@ -8,6 +8,7 @@ every stage treats it exactly like a real CLIP: zero-shot heads come from its te
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from rankone import numerics
 from rankone.examples.recipes import TINY_CLIP
 from rankone.models import build_clip, preprocess_for, tokenizer_for
 
@@ -66,23 +68,25 @@ def pretrain_clip(
     # positives: a soft InfoNCE target instead of open_clip.ClipLoss's identity.
     _, caption_ids = np.unique(np.asarray(captions), return_inverse=True)
     caption_ids = torch.as_tensor(caption_ids)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
+    optimizer = numerics.adam(model.parameters(), device, decoupled=True, lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(step, steps) / steps))
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
     )
     generator = torch.Generator().manual_seed(seed)
     losses = []
     for step in range(steps):
         batch = torch.randint(len(images), (batch_size,), generator=generator)
-        image_features, text_features, logit_scale = model(images[batch].to(device), tokens[batch].to(device))
-        loss = soft_clip_loss(image_features, text_features, logit_scale, caption_ids[batch].to(device))
+        # The model's own forward takes the scale's exp with torch.exp, which differs by CPU vendor.
+        image_features = model.encode_image(images[batch].to(device), normalize=True)
+        text_features = model.encode_text(tokens[batch].to(device), normalize=True)
+        loss = soft_clip_loss(image_features, text_features, numerics.exp(model.logit_scale), caption_ids[batch].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         with torch.no_grad():
-            model.logit_scale.clamp_(0, np.log(100))
+            model.logit_scale.clamp_(0, math.log(100))
         losses.append(loss.item())
         if on_step is not None:
             on_step(step, losses[-1])

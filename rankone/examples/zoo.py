@@ -7,15 +7,19 @@ base and each expert are open_clip model directories that `rankone fetch` reads;
 are image folders `data/<split>/<task>/<class>/<n>.png`.
 
 The build runs in a child process (`python -m rankone.examples.zoo`) started with
-`build_environment()`, so that on a CPU the bits depend on neither the core count nor the
-instruction set (checked on an Intel CPU by changing both; for AMD CPUs it rests on Intel's
-documentation of MKL's COMPATIBLE branch): the libraries behind torch's CPU kernels pick their code path from the
-machine (MKL's and ATen's by instruction set, reductions split by thread count), and read
-the settings that pin it when the process starts, too early to set them from here.
+`numerics.pinned_environment()`, so that on a CPU the bits depend on neither the core count nor the
+instruction set (checked on an Intel CPU by changing both): the libraries behind torch's CPU
+kernels pick their code path from the machine (MKL's and ATen's by instruction set, reductions
+split by thread count), and read the settings that pin it when their first kernel runs, too late
+to set them from a process that has run any. The settings do not reach MKL's vector math, which
+picks its code by CPU vendor: the build calls none of it (`rankone.numerics`; the pinned build of
+the earlier key did, and gave other bits on an AMD EPYC than on an Intel Xeon). For AMD CPUs the
+rest rests on Intel's documentation of MKL's COMPATIBLE branch.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -30,55 +34,35 @@ import numpy as np
 import torch
 
 import rankone
+from rankone import numerics
 from rankone.errors import RankoneError
 from rankone.examples import suite, tinyclip
 from rankone.examples.recipes import (
-    FINGERPRINT_KEY, RECIPE_FILE, REPORT_FILE, Zoo, cached_zoo, caption_templates, load_zoo, recipe_key, weights_fingerprint,
-    zoo_root,
+    FINGERPRINT_KEY, RECIPE_FILE, REPORT_FILE, Zoo, cached_zoo, caption_templates, load_zoo, part_fingerprints, recipe_key,
+    weights_fingerprint, zoo_root,
 )
 from rankone.finetune import finetune_expert, write_open_clip_dir
 from rankone.workspace import staging_folder
 
 OnStage = Callable[[str, int], Callable[[int, float], None]]
 
-# Two threads whatever the machine: reductions split by thread count (1 and 2 give other bits),
-# `rankone demo` caps itself at 2 anyway, and one thread made the build half as fast again.
-BUILD_THREADS = 2
-
-
-def build_environment(cpu_capability: str) -> dict[str, str]:
-    """The settings the build's child process starts with, given this process's ATen capability.
-
-    MKL's COMPATIBLE branch is the one Intel documents as giving the same results on Intel and
-    non-Intel CPUs (its AVX2 branch falls back to the CPU's own on AMD). ATen's kernels are
-    held to AVX2, the widest most x86 CPUs have, only where this CPU has it: the variable is
-    obeyed without a check. oneDNN is switched off in the child instead (`_pin_torch`).
-    """
-    environment = {
-        "MKL_CBWR": "COMPATIBLE",
-        "MKL_NUM_THREADS": str(BUILD_THREADS),
-        "OMP_NUM_THREADS": str(BUILD_THREADS),
-        "MKL_DYNAMIC": "FALSE",
-        "OMP_DYNAMIC": "FALSE",
-    }
-    if cpu_capability in ("AVX2", "AVX512"):
-        environment["ATEN_CPU_CAPABILITY"] = "avx2"
-    return environment
-
-
-def _pin_torch() -> None:
-    """What the child sets in torch itself before the first kernel runs."""
-    torch.set_num_threads(BUILD_THREADS)
-    # oneDNN (convolutions, GELU) picks its kernels by instruction set and cache sizes; without
-    # it those ops run ATen's kernels, pinned by ATEN_CPU_CAPABILITY, and MKL's.
-    torch.backends.mkldnn.enabled = False
+# The packages whose code makes the data (images) or runs in the training, besides torch.
+BUILD_PACKAGES = ("numpy", "pillow", "matplotlib", "scikit-image", "scikit-learn", "open_clip_torch")
 
 
 def build_settings(device: str) -> dict[str, Any]:
     """What the bits of a build depend on besides the recipe, as the process building it sees them."""
-    return {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "mkl_cbwr": os.environ.get("MKL_CBWR"),
-            "mkldnn": torch.backends.mkldnn.enabled}
+    return {"device": device, "torch": torch.__version__, **numerics.pinned_state(), "processor": _processor_name(),
+            "packages": {name: importlib.metadata.version(name) for name in BUILD_PACKAGES}}
+
+
+def _processor_name() -> str:
+    """The CPU's model name as Linux reports it (empty elsewhere): builds on two vendors are compared by it."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
 
 
 def build_zoo(
@@ -114,7 +98,7 @@ def build_zoo(
 def _run_build_process(chosen: dict[str, Any], staging: Path, device: str, on_stage: OnStage) -> None:
     """`build_into(chosen, staging, device)` in a child process, its progress relayed to `on_stage`."""
     package_parent = str(Path(rankone.__file__).resolve().parents[1])
-    environment = {**os.environ, **build_environment(torch.backends.cpu.get_cpu_capability()),
+    environment = {**os.environ, **numerics.pinned_environment(torch.backends.cpu.get_cpu_capability()),
                    "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "rankone.examples.zoo", str(staging), device]
     with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=environment, text=True) as child:
@@ -187,6 +171,7 @@ def build_into(chosen: dict[str, Any], staging: Path, device: torch.device | str
     report = {
         "key": recipe_key(chosen),
         FINGERPRINT_KEY: weights_fingerprint(staging),
+        "parts": part_fingerprints(staging),
         "pretrain": {"pairs": len(captions), "first_loss": pretrain_losses[0], "last_loss": pretrain_losses[-1]},
         "finetune": finetune_report,
         "build": build_settings(str(device)),
@@ -204,7 +189,7 @@ def main(arguments: list[str]) -> None:
     # library prints there to stderr.
     events = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    _pin_torch()
+    numerics.pin_torch()
     build_into(chosen, staging, device, _event_writer(events))
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rankone import numerics
 from rankone.methods.matrices import merge_per_matrix
 from rankone.methods.merging import Progress, TaskVectors, Update, static_merge
 from rankone.options import Options, learning_rate_option, option
@@ -47,7 +48,7 @@ def least_interference(matrices: list[torch.Tensor], steps: int, lr: float) -> t
     task_matrices = torch.stack(changed)
     squared_norms = torch.square(torch.linalg.vector_norm(task_matrices.reshape(len(changed), -1), dim=-1))
     merged = torch.nn.Parameter(task_matrices.sum(dim=0))
-    optimizer = torch.optim.Adam([merged], lr=lr, weight_decay=0)
+    optimizer = numerics.adam([merged], merged.device, lr=lr, weight_decay=0)
     with torch.enable_grad():
         for _ in range(steps):
             loss = interference(merged, task_matrices, squared_norms)

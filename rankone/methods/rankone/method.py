@@ -24,7 +24,7 @@ from rankone.models import count_parameters
 from rankone.options import ADAPTATION_LR, Options, lambda_option, option
 from rankone.task_vectors import load_task_vectors, task_vector_path
 from rankone.methods.rankone.routers import (
-    INITS, ROUTERS, TASK_GATES, TASK_ROUTER_LR, fit_routers, gate_of, scorer_of, task_objective,
+    HELD_OUT_PER_TASK, INITS, ROUTERS, TASK_GATES, TASK_ROUTER_LR, fit_routers, gate_of, scorer_of, task_objective,
 )
 from rankone.models import preprocess_for
 from rankone.training import (
@@ -156,7 +156,9 @@ def adapt_rankone(workspace: Workspace, options: AdaptOptions, method_options: R
                           device=options.device)
         options.note(f"routers fitted to the {fit.kind} kind's routing on {fit.images} unlabeled images: "
                      f"the fit picks that kind's task for {100 * sum(fit.agreement) / len(fit.agreement):.0f}% of them "
-                     f"(mean over {len(fit.agreement)} blocks)")
+                     f"(mean over {len(fit.agreement)} blocks)"
+                     + (f", {100 * sum(fit.held_out) / len(fit.held_out):.0f}% of the next {HELD_OUT_PER_TASK} per task"
+                        if fit.held_out else ""))
     log = adapt_with_checkpoints(workspace, "rankone", classify_with(model, heads), router_parameters(model),
                                  inputs.unlabeled, options, config, lr, resume)
     return save_adapted(workspace, ADAPTED_ROUTERS, router_state(model), config, options, inputs.requests, log)

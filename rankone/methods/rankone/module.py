@@ -78,7 +78,7 @@ def subspace_scores(mean: torch.Tensor, pool_v: torch.Tensor, tasks: int) -> tor
     right singular vectors V_t (the unit columns of its block of V̂ = S·V, task-major)."""
     unit = pool_v / pool_v.norm(dim=0, keepdim=True).clamp_min(torch.finfo(pool_v.dtype).tiny)
     projected = (mean @ unit).reshape(mean.shape[0], tasks, -1)
-    return projected.square().sum(dim=-1).sqrt() / mean.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(mean.dtype).tiny)
+    return torch.linalg.vector_norm(projected, dim=-1) / mean.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(mean.dtype).tiny)
 
 
 def task_gate(scores: torch.Tensor, gate: str, experts_per_task: int, temperature: float, scale: float) -> torch.Tensor:

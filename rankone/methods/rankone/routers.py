@@ -45,9 +45,12 @@ TASK_ROUTER_LR = 1e-2
 INITS = ("random", "subspace", "task")
 # The first images of each task's folder that the fit reads (in folder order, so the fit needs no seed).
 INIT_IMAGES_PER_TASK = 128
+# The next images of each folder, which the fit does not read: how often the fitted routers pick the kind's task on
+# them (`RouterFit.held_out`) is how the ridge is chosen without test labels.
+HELD_OUT_PER_TASK = 32
 # Ridge of the fit, relative to the mean variance of the token means: the fit sees fewer images than a block has
-# dimensions (8 tasks × 128 images against 768 at ViT-B/32), so it needs one. 1e-2 is a first choice, not yet compared
-# with others; the rule to pick it without test labels is the fit's agreement with the kind on held-out unlabeled images.
+# dimensions (8 tasks × 128 images against 768 at ViT-B/32), so it needs one. Chosen by held-out agreement
+# (docs/example-results.md gives the grid and the measurements).
 INIT_RIDGE = 1e-2
 
 
@@ -133,6 +136,8 @@ class RouterFit:
     kind: str
     images: int
     agreement: list[float]
+    # The same on the held-out images (HELD_OUT_PER_TASK per folder after the fitted ones); empty when there are none.
+    held_out: list[float]
 
 
 def fit_routers(model: nn.Module, unlabeled: dict[str, Dataset], tasks: list[str], kind: str, *,
@@ -144,27 +149,42 @@ def fit_routers(model: nn.Module, unlabeled: dict[str, Dataset], tasks: list[str
     fitted routers are meant to reproduce. The k outputs of a task share one fitted row.
     """
     mlps = rankone_mlps(model)
+    fitted_images = {task: range(min(images_per_task, len(dataset))) for task, dataset in unlabeled.items()}
+    means, targets = _kind_means(model, unlabeled, fitted_images, tasks, kind, batch_size, device)
+    held_images = {task: range(len(fitted_images[task]), min(len(fitted_images[task]) + HELD_OUT_PER_TASK, len(dataset)))
+                   for task, dataset in unlabeled.items()}
+    held_means, held_targets = _kind_means(model, unlabeled, held_images, tasks, kind, batch_size, device)
+    agreement, held_out = [], []
+    with torch.no_grad():
+        for block, mlp in enumerate(mlps):
+            weight, bias = ridge_fit(means[block], targets[block], ridge)
+            k = mlp.router.out_features // mlp.tasks
+            mlp.router.weight.copy_(weight.repeat_interleave(k, dim=0).to(mlp.router.weight.dtype))
+            mlp.router.bias.copy_(bias.repeat_interleave(k).to(mlp.router.bias.dtype))
+            agreement.append(_picks_alike(means[block] @ weight.T + bias, targets[block]))
+            if len(held_means[block]):
+                held_out.append(_picks_alike(held_means[block] @ weight.T + bias, held_targets[block]))
+    return RouterFit(kind=kind, images=sum(len(images) for images in fitted_images.values()), agreement=agreement, held_out=held_out)
+
+
+def _kind_means(model: nn.Module, unlabeled: dict[str, Dataset], chosen: dict[str, range], tasks: list[str], kind: str,
+                batch_size: int, device: torch.device | str) -> tuple[list[Tensor], list[Tensor]]:
+    """Per block, the token means of the `chosen` images of each folder read with the kind's routing in the blocks
+    before it (float64), and the kind's gate for them."""
+    mlps = rankone_mlps(model)
     means: list[list[Tensor]] = [[] for _ in mlps]
     targets: list[list[Tensor]] = [[] for _ in mlps]
-    images = 0
     for task, dataset in unlabeled.items():
         index = tasks.index(task)
-        subset = Subset(dataset, range(min(images_per_task, len(dataset))))
-        for batch in DataLoader(subset, batch_size=batch_size, collate_fn=images_only):
+        for batch in DataLoader(Subset(dataset, chosen[task]), batch_size=batch_size, collate_fn=images_only):
             with routed_as(model, kind, index):
                 per_block = token_means(model, batch.to(device))
             for block, (mlp, block_means) in enumerate(zip(mlps, per_block)):
                 means[block].append(block_means.double())
                 targets[block].append(kind_targets(mlp, block_means, kind, index))
-            images += batch.shape[0]
-    agreement = []
-    with torch.no_grad():
-        for block, mlp in enumerate(mlps):
-            block_means, block_targets = torch.cat(means[block]), torch.cat(targets[block])
-            weight, bias = ridge_fit(block_means, block_targets, ridge)
-            k = mlp.router.out_features // mlp.tasks
-            mlp.router.weight.copy_(weight.repeat_interleave(k, dim=0).to(mlp.router.weight.dtype))
-            mlp.router.bias.copy_(bias.repeat_interleave(k).to(mlp.router.bias.dtype))
-            fitted = block_means @ weight.T + bias
-            agreement.append(float((fitted.argmax(dim=-1) == block_targets.argmax(dim=-1)).double().mean()))
-    return RouterFit(kind=kind, images=images, agreement=agreement)
+    empty = torch.zeros(0, dtype=torch.float64)
+    return [torch.cat(block) if block else empty for block in means], [torch.cat(block) if block else empty for block in targets]
+
+
+def _picks_alike(fitted: Tensor, targets: Tensor) -> float:
+    return float((fitted.argmax(dim=-1) == targets.argmax(dim=-1)).double().mean())
