@@ -215,7 +215,8 @@ def child_arithmetic(workspace: Path, merges: list[str]) -> None:
 
 # ---- the run ------------------------------------------------------------------------------------
 
-def measure(tasks: int, root: Path, merges: tuple[str, ...], threads: int, keep: bool, merges_only: bool = False) -> dict:
+def measure(tasks: int, root: Path, merges: tuple[str, ...], threads: int, keep: bool, merges_only: bool = False,
+            arithmetic: bool = True) -> dict:
     folder = Path(tempfile.mkdtemp(dir=root, prefix=f"memory-T{tasks}-"))
     try:
         log(f"T={tasks}: writing a random {ARCHITECTURE} base and {tasks} experts")
@@ -230,6 +231,8 @@ def measure(tasks: int, root: Path, merges: tuple[str, ...], threads: int, keep:
             rows.append(row)
             log(f"T={tasks} {label}: {row['peak_rss_mb']:.0f} MB peak, {row['wall_s']:.1f} s "
                 f"(start-up {row['startup_s']:.1f} s, stage {row['stage_s']:.1f} s, of which imports {row['stage_imports_s']:.1f} s)")
+        if not arithmetic:
+            return {"tasks": tasks, "setup_s": round(setup_s, 1), "stages": rows}
         arithmetic = run_child(["--child-arithmetic", str(folder / "work"), *merges, *([NO_POOL] if merges_only else [])],
                                threads)["arithmetic_s"]
         for row in rows:
@@ -300,13 +303,15 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print the table, leave bench/results.json alone")
     parser.add_argument("--add", action="store_true", help="run only fetch, task-vectors and --merges, and put the merges' rows "
                                                           "into the recorded run (same --tasks) instead of replacing it")
+    parser.add_argument("--memory-only", action="store_true", help="skip timing the arithmetic alone (it repeats each merge)")
     args = parser.parse_args()
     merges = tuple(args.merges) if args.merges else QUICK_MERGES if args.quick else MERGES
     if STATIC_EXPORT not in merges and not args.add:
         parser.error(f"--merges: include {STATIC_EXPORT}, the merge the static export writes")
     began = time.perf_counter()
     load_start = [round(value, 2) for value in os.getloadavg()]
-    runs = [measure(tasks, args.root, merges, args.threads, args.keep, merges_only=args.add) for tasks in sorted(args.tasks)]
+    runs = [measure(tasks, args.root, merges, args.threads, args.keep, merges_only=args.add, arithmetic=not args.memory_only)
+            for tasks in sorted(args.tasks)]
     section = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() - (time.perf_counter() - began))),
         "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},

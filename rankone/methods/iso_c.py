@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rankone.methods.matrices import merge_per_matrix
+from rankone.methods.matrices import merge_per_matrix, thin_svd
 from rankone.methods.merging import Progress, TaskVectors, Update, static_merge, summed
 from rankone.options import Options, lambda_option
 
@@ -27,7 +27,7 @@ class IsoCOptions(Options):
 
 def flat_spectrum(matrix: torch.Tensor) -> torch.Tensor:
     """mean(S)·U·Vᵀ of matrix = U·S·Vᵀ."""
-    left, singular_values, right = torch.linalg.svd(matrix, full_matrices=False)
+    left, singular_values, right = thin_svd(matrix)
     return singular_values.mean() * (left @ right)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from rankone.methods.iso_c import ISO_LAMBDA
-from rankone.methods.matrices import merge_per_matrix, orthonormal_factor
+from rankone.methods.matrices import merge_per_matrix, orthonormal_factor, thin_svd
 from rankone.methods.merging import Progress, TaskVectors, Update, static_merge, summed
 from rankone.options import Options, lambda_option, option
 
@@ -41,11 +41,11 @@ def common_and_task_subspaces(matrices: list[torch.Tensor], common_fraction: flo
     """mean(s)·U·Vᵀ over the common subspace of Στ and each task's own top directions outside it."""
     rank, tasks = min(matrices[0].shape), len(matrices)
     common, per_task = subspace_sizes(rank, tasks, common_fraction)
-    left, singular_values, right = torch.linalg.svd(summed(matrices), full_matrices=False)
+    left, singular_values, right = thin_svd(summed(matrices))
     common_left = left[:, :common]
     lefts, values, rights = [], [], []
     for matrix in matrices:
-        task_left, task_values, task_right = torch.linalg.svd(matrix - common_left @ (common_left.T @ matrix), full_matrices=False)
+        task_left, task_values, task_right = thin_svd(matrix - common_left @ (common_left.T @ matrix))
         lefts.append(task_left[:, :per_task])
         values.append(task_values[:per_task])
         rights.append(task_right[:per_task])

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rankone.methods.matrices import merge_per_matrix, orthonormal_factor
+from rankone.methods.matrices import merge_per_matrix, orthonormal_factor, thin_svd
 from rankone.methods.merging import Progress, TaskVectors, Update, static_merge
 from rankone.options import Options, lambda_option
 
@@ -31,7 +31,7 @@ def decorrelated_singular_vectors(matrices: list[torch.Tensor]) -> torch.Tensor:
     kept = rank // tasks
     lefts, values, rights = [], [], []
     for matrix in matrices:
-        left, singular_values, right = torch.linalg.svd(matrix, full_matrices=False)
+        left, singular_values, right = thin_svd(matrix)
         lefts.append(left[:, :kept])
         values.append(singular_values[:kept])
         rights.append(right[:kept])
