@@ -72,9 +72,6 @@ RECORD_KEY = "pipeline"
 RECORD_FORMAT = 1
 # The stages that split their work across the processes torchrun starts; the others refuse to run under it.
 SEVERAL_PROCESSES = ("adapt", "eval", "compare")
-# The adaptive methods trained by `training.minimise_entropy`, which splits each step's batch; RegMean and Fisher
-# read statistics in one process.
-TRAINED_ACROSS_PROCESSES = ("rankone", "adamerging", "wemoe")
 
 
 # ---- what a stage gets besides its options -------------------------------------------------
@@ -250,12 +247,10 @@ def _run_adapt(workspace: Workspace, options: AdaptStageOptions, method_options:
     run_options = dataclasses.replace(options, device=context.device, progress=context.progress, note=context.note)
     method = methods.get(options.method, "adaptive")
     if distributed.world().distributed:
-        if method.name not in TRAINED_ACROSS_PROCESSES:
+        if not method.across_processes:
+            several = [name for name in methods.names("adaptive") if methods.get(name).across_processes]
             raise RankoneError(f"--method {method.name}: runs in one process; launch it without torchrun "
-                               f"(several processes train {', '.join(TRAINED_ACROSS_PROCESSES)})")
-        if getattr(method_options, "routing", None) == "per-batch":
-            raise RankoneError("--routing per-batch: the gate mixes the images of a batch, which several processes split; "
-                               "run it in one process or use per-sample")
+                               f"(several processes train {', '.join(several)})")
     written = method.adapt(workspace, run_options, method_options)
     if not workspace.has(curve_path(written)):
         # A merge from statistics (RegMean, Fisher) trains nothing: its record says what it read.

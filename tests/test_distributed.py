@@ -170,6 +170,9 @@ def test_stages_that_do_not_split_refuse_several_processes(prepared, tmp_path, m
     options, method_options = stage_options(adapt, {"method": "rankone", "data": prepared / "unlabeled", "routing": "per-batch"})
     with pytest.raises(RankoneError, match=r"--routing per-batch: the gate mixes the images of a batch"):
         run_stage(adapt, workspace, options, method_options, Context())
+    options, method_options = stage_options(adapt, {"method": "regmean", "data": prepared / "unlabeled"})
+    with pytest.raises(RankoneError, match=r"--method regmean: runs in one process; .*\(several processes train [a-z, ]*rankone"):
+        run_stage(adapt, workspace, options, method_options, Context())
     assert snapshot(workspace) == before
     assert distributed.world() == distributed.World(rank=1, size=2, local_rank=0)
     monkeypatch.setenv("RANK", "2")

@@ -208,5 +208,5 @@ METHOD = register(Method(
     name="adamerging", kind="adaptive", summary="layer-wise task arithmetic, coefficients trained on unlabeled images",
     row=80, load=load_adamerging, options=AdaMergingOptions, inputs=("base", "task-vectors"),
     eval_inputs=("base", "task-vectors"), output=ADAPTED_COEFFICIENTS, adapt=adapt_adamerging,
-    tower=adamerging_tower,
+    tower=adamerging_tower, across_processes=True,
 ))

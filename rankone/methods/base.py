@@ -82,6 +82,9 @@ class Method:
     routed: bool = False
     # Its model depends on the task (one tower per task, or an oracle told it): compare says so beside its row.
     needs_task: bool = False
+    # Adaptive methods trained by `training.minimise_entropy`, which splits each step's batch among torchrun's
+    # processes; the others (statistics read in one process) refuse to run under torchrun.
+    across_processes: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -292,5 +292,5 @@ METHOD = register(Method(
     name="wemoe", kind="adaptive", summary="dense MLP task vectors mixed per sample by trained routers",
     row=90, load=load_wemoe, options=WEMoEOptions, inputs=("base", "task-vectors"),
     eval_inputs=("base", "task-vectors"), output=ADAPTED_ROUTERS, adapt=adapt_wemoe, routed=False,
-    export=export_wemoe, from_export=wemoe_from_export,
+    export=export_wemoe, from_export=wemoe_from_export, across_processes=True,
 ))

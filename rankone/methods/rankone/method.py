@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rankone import distributed
 from rankone.errors import RankoneError
 from rankone.methods.base import Method, MethodModel, pretrained_tower, register, router_state
 from rankone.methods.rankone.artifact import ADAPTED_ROUTERS, export, from_export, routed_from_workspace
@@ -119,6 +120,9 @@ def adapt_rankone(workspace: Workspace, options: AdaptOptions, method_options: R
     write adapted/rankone.safetensors."""
     stored = read_pool(workspace)
     router, lr = method_options.router, method_options.learning_rate()
+    if distributed.world().distributed and method_options.routing == "per-batch":
+        raise RankoneError("--routing per-batch: the gate mixes the images of a batch, which several processes split; "
+                           "run it in one process or use per-sample")
     if method_options.init != "random" and router != "entropy":
         raise RankoneError(f"--init {method_options.init}: starts entropy routers; --router {router} has its own training")
     routing = method_options.routing_settings()
@@ -184,4 +188,5 @@ METHOD = register(Method(
     name="rankone", kind="adaptive", summary="RankOne-MoE: rank-one experts from every MLP task vector, routed per sample",
     row=100, load=load_rankone, options=RankOneOptions, inputs=("base", "pool"), eval_inputs=("base", "pool"),
     output=ADAPTED_ROUTERS, adapt=adapt_rankone, export=export, from_export=from_export, routed=True,
+    across_processes=True,
 ))
