@@ -102,7 +102,10 @@ def build_pool_stage(
     pool, kept = build_pool(task_vectors, k, svd, tasks=tasks, progress=progress, device=device)
     static = static_part(base_visual, task_vectors, lam)
     del task_vectors
-    model = routed_model(workspace.architecture, static, pool, lam, tasks=tasks)
+    # Counted from the real module built on `meta`: the shapes alone, no copy of the tower's weights.
+    with torch.device("meta"):
+        model = routed_model(workspace.architecture, {key: tensor.to("meta") for key, tensor in static.items()},
+                             {key: tensor.to("meta") for key, tensor in pool.items()}, lam, tasks=tasks)
     report = PoolReport(
         kept_energy={key: dict(zip(tasks, fractions)) for key, fractions in kept.items()},
         tower_parameters=count_parameters(base_visual),
