@@ -289,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spectrum", choices=["decaying", "gaussian"], default="decaying", help="singular-value profile of the build-pool task vectors")
     parser.add_argument("--large", action=argparse.BooleanOptionalAction, default=None, help="include ViT-L/14 (default: on unless --quick)")
     parser.add_argument("--exact-blocks", type=int, default=None, help="time exact SVD on the first N blocks and scale up (default 2, quick 1; 0 = all)")
+    parser.add_argument("--adapt-per-task", type=int, nargs="+", help="images per task of the adapt-step rows, two repeats each "
+                                                                       "(default 2 and 4; SPEC's batch is 16)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     setup_threads()
@@ -310,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             batches = {1: 5, 16: 2} if args.quick else {1: 15, 16: 4, 64: 2}
             results["forward"] = forward_latency(models, batches, {1: 2, 16: 1}, plain_batches=(1, 16))
         if "adapt" in chosen:
-            results["adapt"] = adaptation_step(models, {2: 1} if args.quick else {2: 2, 4: 1})
+            batches = {per_task: 2 for per_task in args.adapt_per_task} if args.adapt_per_task else {2: 1} if args.quick else {2: 2, 4: 1}
+            results["adapt"] = adaptation_step(models, batches)
         del models
         gc.collect()
         if "forward" in chosen and large:

@@ -46,9 +46,10 @@ def common_and_task_subspaces(matrices: list[torch.Tensor], common_fraction: flo
     lefts, values, rights = [], [], []
     for matrix in matrices:
         task_left, task_values, task_right = thin_svd(matrix - common_left @ (common_left.T @ matrix))
-        lefts.append(task_left[:, :per_task])
-        values.append(task_values[:per_task])
-        rights.append(task_right[:per_task])
+        # Copies: a slice would keep each task's whole factors alive until the end (T of them at once).
+        lefts.append(task_left[:, :per_task].clone())
+        values.append(task_values[:per_task].clone())
+        rights.append(task_right[:per_task].clone())
     # Task directions first, then the common ones, as the reference orders them (the result does not depend on it).
     gathered_left = torch.cat([*lefts, common_left], dim=1)
     gathered_right = torch.cat([*rights, right[:common]], dim=0)

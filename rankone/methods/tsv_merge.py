@@ -32,9 +32,10 @@ def decorrelated_singular_vectors(matrices: list[torch.Tensor]) -> torch.Tensor:
     lefts, values, rights = [], [], []
     for matrix in matrices:
         left, singular_values, right = thin_svd(matrix)
-        lefts.append(left[:, :kept])
-        values.append(singular_values[:kept])
-        rights.append(right[:kept])
+        # Copies: a slice would keep each task's whole factors alive until the end (T of them at once).
+        lefts.append(left[:, :kept].clone())
+        values.append(singular_values[:kept].clone())
+        rights.append(right[:kept].clone())
     # The reference pads the concatenation to r columns with zeros; padding changes neither orthonormal factor's product
     # with the kept values, so it is left out.
     return orthonormal_factor(torch.cat(lefts, dim=1)) @ torch.diag(torch.cat(values)) @ orthonormal_factor(torch.cat(rights, dim=0))
