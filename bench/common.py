@@ -21,7 +21,8 @@ from rankone.models import build_visual, load_visual, named_architecture
 from rankone.methods.rankone.module import RankOneMLP, rankone_mlps, routed_model, top_p_gate
 from rankone.methods.rankone.pool import build_pool, static_part
 
-THREADS = 2
+# RANKONE_BENCH_THREADS=1 measures one thread (small matrix products parallelise worse than large ones).
+THREADS = int(os.environ.get("RANKONE_BENCH_THREADS", "2"))
 LAMBDA = 0.3
 SELECT = 0.75
 K = 32
