@@ -51,9 +51,11 @@ def least_interference(matrices: list[torch.Tensor], steps: int, lr: float) -> t
     optimizer = numerics.adam([merged], merged.device, lr=lr, weight_decay=0)
     with torch.enable_grad():
         for _ in range(steps):
-            loss = interference(merged, task_matrices, squared_norms)
             optimizer.zero_grad()
-            loss.backward()
+            # One task's term at a time, its gradient accumulated: the products (rows × rows per task) of all T
+            # tasks at once would make the peak grow with T.
+            for task_matrix, squared_norm in zip(task_matrices, squared_norms):
+                interference(merged, task_matrix[None], squared_norm[None]).backward()
             optimizer.step()
     return merged.detach()
 
