@@ -389,3 +389,15 @@ class OperatorCensus(TorchDispatchMode):
 
     def vendor_dependent(self) -> dict[str, int]:
         return {name: count for name, count in self.calls.items() if name in numerics.VENDOR_DEPENDENT_OPS}
+
+
+@pytest.fixture
+def restores_cpu_settings(monkeypatch):
+    """For a test that runs the example in-process (which pins its CPU kernels, numerics.pin_this_process):
+    the environment, torch's thread count and oneDNN switch as they were, afterwards."""
+    for name in numerics.pinned_environment("AVX2"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", torch.backends.mkldnn.enabled)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -191,23 +191,15 @@ def test_the_demo_summary_and_its_json_give_the_zoos_fingerprint(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_quick_runs_every_stage_through_the_cli(tmp_path, monkeypatch):
+def test_demo_quick_runs_every_stage_through_the_cli(tmp_path, monkeypatch, restores_cpu_settings):
     from typer.testing import CliRunner
 
     from rankone.cli import app
 
     monkeypatch.setenv("RANKONE_CACHE", str(tmp_path / "cache"))
-    # The demo pins this process's CPU settings (numerics.pin_this_process): put them back afterwards.
-    for name in numerics.pinned_environment("AVX2"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(torch.backends.mkldnn, "enabled", torch.backends.mkldnn.enabled)
-    threads = torch.get_num_threads()
     work = tmp_path / "demo-work"
-    try:
-        with OperatorCensus() as census:
-            result = CliRunner().invoke(app, ["demo", "--quick", "-w", str(work), "--device", "cpu"])
-    finally:
-        torch.set_num_threads(threads)
+    with OperatorCensus() as census:
+        result = CliRunner().invoke(app, ["demo", "--quick", "-w", str(work), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     # Every stage in this process (the zoo's build has its own test) keeps to kernels that are the same on every x86 CPU.
     assert census.calls["aten._fused_adam_"] > 0 and census.vendor_dependent() == {}

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from conftest import TASKS, make_base_state, make_expert_state, snapshot, write_open_clip_dir
@@ -169,13 +171,15 @@ def test_example_pipeline_files_load(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_the_quick_example_reruns_as_all_skipped(tmp_path, monkeypatch, rankone_cli):
+def test_the_quick_example_reruns_as_all_skipped(tmp_path, monkeypatch, rankone_cli, restores_cpu_settings):
     from rankone.examples.demo import pipeline_file
 
     monkeypatch.setenv("RANKONE_CACHE", str(tmp_path / "cache"))
     work = tmp_path / "example"
     code, out, err = rankone_cli("run", pipeline_file("quick"), "-w", work, "--device", "cpu")
     assert code == 0, err
+    # A file that names the example runs pinned, as `rankone demo` does.
+    assert os.environ["MKL_CBWR"] == "COMPATIBLE" and not torch.backends.mkldnn.enabled
     assert run_lines(out) and all(line.startswith("$ rankone") for line in run_lines(out))
     before = snapshot(work)
     code, out, err = rankone_cli("run", pipeline_file("quick"), "-w", work, "--device", "cpu")

@@ -310,9 +310,15 @@ def run_file(
 
 
 def load(file: Path, workspace: Path | None, device: str | None) -> pipeline.Pipeline:
-    """The pipeline file, with the example zoo built first when it names one (`${ZOO}`, `${LAMBDA}`)."""
-    return pipeline.load_pipeline(file, workspace=workspace, device=device,
-                                  examples=lambda name: load_example(name, device or "auto").variables())
+    """The pipeline file, with the example zoo built first when it names one (`${ZOO}`, `${LAMBDA}`).
+
+    A file that names the example runs pinned as `rankone demo` does, so it makes the README's numbers: the
+    example is read before any stage runs a kernel."""
+    def example_variables(name: str) -> dict[str, str]:
+        numerics.pin_this_process()
+        return load_example(name, device or "auto").variables()
+
+    return pipeline.load_pipeline(file, workspace=workspace, device=device, examples=example_variables)
 
 
 def load_example(name: str, device: str) -> demo.Example:
