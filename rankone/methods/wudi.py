@@ -20,7 +20,7 @@ import torch
 
 from rankone import numerics
 from rankone.methods.matrices import merge_per_matrix
-from rankone.methods.merging import Progress, TaskVectors, Update, static_merge
+from rankone.methods.merging import Progress, TaskVectors, Update, static_merge, summed
 from rankone.options import Options, learning_rate_option, option
 
 
@@ -45,16 +45,16 @@ def least_interference(matrices: list[torch.Tensor], steps: int, lr: float) -> t
     changed = [matrix for matrix in matrices if bool(matrix.any())]
     if not changed:
         return torch.zeros_like(matrices[0])
-    task_matrices = torch.stack(changed)
-    squared_norms = torch.square(torch.linalg.vector_norm(task_matrices.reshape(len(changed), -1), dim=-1))
-    merged = torch.nn.Parameter(task_matrices.sum(dim=0))
+    # The task matrices as they came (not stacked: a copy of all T of them), their squared norms, and Στ.
+    squared_norms = [torch.square(torch.linalg.vector_norm(matrix)) for matrix in changed]
+    merged = torch.nn.Parameter(summed(changed))
     optimizer = numerics.adam([merged], merged.device, lr=lr, weight_decay=0)
     with torch.enable_grad():
         for _ in range(steps):
             optimizer.zero_grad()
             # One task's term at a time, its gradient accumulated: the products (rows × rows per task) of all T
             # tasks at once would make the peak grow with T.
-            for task_matrix, squared_norm in zip(task_matrices, squared_norms):
+            for task_matrix, squared_norm in zip(changed, squared_norms):
                 interference(merged, task_matrix[None], squared_norm[None]).backward()
             optimizer.step()
     return merged.detach()
