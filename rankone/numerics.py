@@ -79,12 +79,17 @@ def pin_torch() -> None:
     torch.backends.mkldnn.enabled = False
 
 
+def hardware_capability() -> str:
+    """AVX2 when the CPU has it, else DEFAULT: asked of the hardware, not of ATen, whose answer follows a forced
+    ATEN_CPU_CAPABILITY and is fixed by its first kernel."""
+    return "AVX2" if getattr(torch.cpu, "_is_avx2_supported", lambda: False)() else "DEFAULT"
+
+
 def pin_this_process() -> dict[str, Any]:
     """`pinned_environment` and `pin_torch` for this process; MKL and ATen read the settings when
     their first CPU kernel runs, so they take hold only before that (as at the start of
     `rankone demo`). Returns `pinned_state()`, which says whether they did."""
-    avx2 = getattr(torch.cpu, "_is_avx2_supported", lambda: False)()
-    os.environ.update(pinned_environment("AVX2" if avx2 else "DEFAULT"))
+    os.environ.update(pinned_environment(hardware_capability()))
     pin_torch()
     return pinned_state()
 

@@ -14,9 +14,8 @@ PACKAGE = Path(rankone.__file__).parent
 # Imported inside a function on purpose: optional extras, and the package's own light `rankone.load`.
 DEFERRED = {"matplotlib", "matplotlib.figure", "sklearn.datasets", "skimage.data",
             "fusion_bench.tasks.clip_classification", "rankone.methods"}
-# And in one module only: `rankone demo --zoo-path` prints a cached zoo's folder before anything imports torch,
-# and the demo pins its CPU kernels (numerics) before the stages' modules load.
-DEFERRED_IN = {"rankone.cli.demo": {"rankone.cli.stages", "rankone.numerics"}}
+# And in one module only: `rankone demo --zoo-path` prints a cached zoo's folder before anything imports torch.
+DEFERRED_IN = {"rankone.cli.demo": {"rankone.cli.stages"}}
 
 
 def module_name(path: Path) -> str:

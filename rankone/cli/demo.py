@@ -48,10 +48,6 @@ def demo_command(
     if seeds is not None and seeds < 1:
         raise RankoneError(f"--seeds {seeds}: must be at least 1")
     # Imported here, not at the top: printing a cached zoo's folder must not wait for torch.
-    from rankone import numerics
-
-    # Before the first CPU kernel: after it, MKL and ATen keep the code path they chose.
-    numerics.pin_this_process()
     from rankone.cli.stages import run_example
 
     run_example(example, seeds, workspace, device, zoo_path=zoo_path)

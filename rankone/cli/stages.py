@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
-import dataclasses
 import json
 import shlex
 import traceback
@@ -310,19 +309,18 @@ def run_file(
 
 
 def load(file: Path, workspace: Path | None, device: str | None) -> pipeline.Pipeline:
-    """The pipeline file, with the example zoo built first when it names one (`${ZOO}`, `${LAMBDA}`).
-
-    A file that names the example runs pinned as `rankone demo` does, so it makes the README's numbers: the
-    example is read before any stage runs a kernel."""
-    def example_variables(name: str) -> dict[str, str]:
-        numerics.pin_this_process()
-        return load_example(name, device or "auto").variables()
-
-    return pipeline.load_pipeline(file, workspace=workspace, device=device, examples=example_variables)
+    """The pipeline file, with the example zoo built first when it names one (`${ZOO}`, `${LAMBDA}`)."""
+    return pipeline.load_pipeline(file, workspace=workspace, device=device,
+                                  examples=lambda name: load_example(name, device or "auto").variables())
 
 
 def load_example(name: str, device: str) -> demo.Example:
-    """The built-in example, its zoo built (or reused) with progress bars."""
+    """The built-in example, its zoo built (or reused) with progress bars.
+
+    Whatever runs the example (`rankone demo`, or `rankone run` of a file that names it) reads it before any
+    kernel runs, so this is where the process is pinned as the zoo's build is: the README's numbers were made so.
+    """
+    numerics.pin_this_process()
     bars: list = []
 
     def on_stage(description: str, total: int):
@@ -350,7 +348,7 @@ def run_example(example: str, seeds: int | None, workspace: Path, device: str, z
     say(f"example zoo: {prepared.zoo.root} ({len(prepared.zoo.tasks)} tasks: {', '.join(prepared.zoo.tasks)})")
     say("static " + label_free.describe(prepared.entropies, prepared.lam))
     records = execute(chosen)
-    result = dataclasses.replace(demo.demo_result(chosen, records, prepared), cpu_kernels=numerics.pinned_state())
+    result = demo.demo_result(chosen, records, prepared, cpu_kernels=numerics.pinned_state())
     for line in demo.result_lines(result):
         say(line)
     demo.write_result_json(result, Path(workspace) / "demo.json")

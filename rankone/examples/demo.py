@@ -165,7 +165,8 @@ class DemoResult:
         return statistics.mean(averages), (statistics.stdev(averages) if len(averages) > 1 else 0.0)
 
 
-def demo_result(chosen: Pipeline, records: list[dict[str, Any]], example: Example) -> DemoResult:
+def demo_result(chosen: Pipeline, records: list[dict[str, Any]], example: Example,
+                cpu_kernels: dict[str, Any] | None = None) -> DemoResult:
     """The seeds' reports, the ceiling and the comparison from the run's records, and the λ rule's entropies."""
     rankone_seeds: dict[int, dict[str, Any]] = {}
     router_kinds: dict[str, dict[int | None, dict[str, Any]]] = {}
@@ -195,7 +196,7 @@ def demo_result(chosen: Pipeline, records: list[dict[str, Any]], example: Exampl
         rankone_seeds[seed] = next(row for row in summary["rows"] if row["method"] == "rankone")
     return DemoResult(lam=lam, entropies=example.entropies, summary=summary, perfect_router=perfect, rankone_seeds=rankone_seeds,
                       router_kinds=router_kinds, pool_oracle=pool_oracle,
-                      zoo_key=example.zoo.root.name, zoo_fingerprint=example.zoo.fingerprint)
+                      zoo_key=example.zoo.root.name, zoo_fingerprint=example.zoo.fingerprint, cpu_kernels=cpu_kernels or {})
 
 
 def own_task_rate(report: dict[str, Any]) -> float | None:

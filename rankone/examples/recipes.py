@@ -33,7 +33,7 @@ TINY_CLIP: dict[str, Any] = {
 }
 
 
-# What `zoo.build_environment` pins on a CPU. In the key: a zoo built before or without it has
+# What `numerics.pinned_environment` pins on a CPU, and what the build avoids. In the key: a zoo built before or without it has
 # other bits, so it must not be found under the key of one built with it.
 BUILD_PINNING = "mkl-compatible aten-avx2 no-onednn 2-threads no-mkl-vector-math"
 

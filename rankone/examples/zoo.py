@@ -98,7 +98,7 @@ def build_zoo(
 def _run_build_process(chosen: dict[str, Any], staging: Path, device: str, on_stage: OnStage) -> None:
     """`build_into(chosen, staging, device)` in a child process, its progress relayed to `on_stage`."""
     package_parent = str(Path(rankone.__file__).resolve().parents[1])
-    environment = {**os.environ, **numerics.pinned_environment(torch.backends.cpu.get_cpu_capability()),
+    environment = {**os.environ, **numerics.pinned_environment(numerics.hardware_capability()),
                    "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "rankone.examples.zoo", str(staging), device]
     with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=environment, text=True) as child:
